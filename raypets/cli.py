@@ -1,0 +1,92 @@
+"""The ``raypets`` command: parse, validate, call one stage function, print its summary.
+
+Mistakes a user can make end in one ``raypets: error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from raypets.data.decode import parse_size
+from raypets.errors import UserError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start local Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from raypets.data.synth import synthesize
+
+    height, width = args.size
+    print(synthesize(args.out, n=args.n, size=(width, height), seed=args.seed, defects=args.defects))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from raypets.config import PrepareConfig
+    from raypets.data.prepare import format_summary, prepare
+    from raypets.runtime import set_progress_bars
+
+    cfg = PrepareConfig(
+        src=args.src, out=args.out, layout=args.layout, size=args.size, split=args.split,
+        test_fraction=args.test_fraction, seed=args.seed, strict=args.strict, overwrite=args.overwrite,
+        export_rmldnn=args.export_rmldnn,
+    )
+    set_progress_bars(not args.no_progress)
+    manifest = prepare(cfg, address=args.address)
+    print(format_summary(manifest, cfg.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raypets", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write a procedural pets-like dataset in the Oxford layout")
+    synth.add_argument("out", type=Path, help="folder to create")
+    synth.add_argument("--n", type=int, default=200, help="number of images (default 200)")
+    synth.add_argument("--size", type=_size, default=(240, 320), help="WIDTHxHEIGHT (default 320x240)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--defects", action="store_true", help="also write the real archive's kinds of bad files")
+    synth.set_defaults(func=_synth)
+
+    prep = commands.add_parser("prepare", help="decode, check and resize a dataset into Parquet shards (Ray Data)")
+    prep.add_argument("src", type=Path, help="dataset folder (oxford, rmldnn or pairs layout)")
+    prep.add_argument("out", type=Path, help="folder for the shards and manifest.json")
+    prep.add_argument("--layout", default="auto", choices=["auto", "oxford", "rmldnn", "pairs"])
+    prep.add_argument("--size", type=_size, default=(160, 160), help="N or WIDTHxHEIGHT (default 160)")
+    prep.add_argument("--split", default="hash", choices=["hash", "official"],
+                      help="hash of the name (default) or the archive's trainval.txt/test.txt")
+    prep.add_argument("--test-fraction", type=float, default=0.1)
+    prep.add_argument("--seed", type=int, default=0, help="salt of the hash split")
+    prep.add_argument("--strict", action="store_true", help="fail on the first file that would be skipped")
+    prep.add_argument("--overwrite", action="store_true", help="replace the output of an earlier prepare")
+    prep.add_argument("--export-rmldnn", type=Path, metavar="DIR",
+                      help="also write training/ and testing/ {inputs,masks}/ for rmldnn configs")
+    _add_ray_args(prep)
+    prep.set_defaults(func=_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, FileExistsError) as err:
+        print(f"raypets: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The Ray Data preparation pipeline: image/mask pairs -> Parquet shards per split + ``manifest.json``.
+
+The driver lists file paths only (:mod:`raypets.data.layouts`); Ray tasks read, decode, repair, check and resize
+each pair in one UDF, so the driver never holds the images. A bad pair becomes a row with an error instead of an
+exception; after one materialised pass the driver writes each split and collects the small per-file metadata that
+the manifest records. Every candidate file ends up counted once: used in a split, or skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from raypets.config import CLASS_NAMES, PrepareConfig
+from raypets.data.decode import DecodedImage, DecodeError, decode_image, decode_mask, resize_image, resize_mask
+from raypets.data.layouts import Discovery, Pair, Skip, discover, official_split
+from raypets.errors import UserError
+
+SPLITS = ("train", "test")
+SHARD_COLUMNS = ["name", "image", "mask", "height", "width"]
+MANIFEST_VERSION = 1
+PARTNER_SKIPPED = "partner skipped"
+_EXPORT_FOLDERS = {"train": "training", "test": "testing"}
+
+
+def hash_split(name: str, seed: int, test_fraction: float) -> str:
+    """Deterministic split of one name: stable across runs, and adding names moves none of the old ones."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
+    """Prepare ``cfg.src`` into ``cfg.out`` and return the manifest (also written as ``out/manifest.json``)."""
+    found = discover(cfg.src, cfg.layout)
+    pairs, skipped = _assign_splits(cfg, found)
+    if cfg.strict and skipped:
+        _fail_strict(skipped)
+    if not pairs:
+        raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
+
+    from raypets.runtime import init_ray
+
+    init_ray(address)
+    from ray.data.expressions import col
+
+    decoded = _decode_dataset(cfg, found, pairs).materialize()
+    meta = decoded.select_columns(_META_COLUMNS).take_all()
+    for row in meta:
+        if row["reason"]:
+            skipped.append(Skip(row["skip_file"], row["reason"], row["detail"]))
+            skipped.append(Skip(row["partner"], PARTNER_SKIPPED, row["skip_file"]))
+    if cfg.strict and skipped:
+        _fail_strict(skipped)
+    used = [row for row in meta if not row["reason"]]
+    if not used:
+        raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
+
+    if cfg.out.exists():
+        shutil.rmtree(cfg.out)  # PrepareConfig allowed this: --overwrite of a previous prepare's output
+    for split in SPLITS:
+        part = decoded.filter(expr=col("split") == split).select_columns(SHARD_COLUMNS)
+        part.write_parquet(str(cfg.out / split))
+        (cfg.out / split).mkdir(parents=True, exist_ok=True)  # an empty split still has its folder
+    manifest = _manifest(cfg, found, used, skipped)
+    (cfg.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _assign_splits(cfg: PrepareConfig, found: Discovery) -> tuple[list[Pair], list[Skip]]:
+    """Give each pair its split: the layout's, the official lists', or the name hash."""
+    skipped = list(found.skipped)
+    if found.layout == "rmldnn":
+        return found.pairs, skipped
+    if cfg.split == "hash":
+        return [_with_split(p, hash_split(p.name, cfg.seed, cfg.test_fraction)) for p in found.pairs], skipped
+    if found.layout != "oxford":
+        raise UserError(f"--split official needs the oxford layout, {cfg.src} is {found.layout}")
+    official = official_split(cfg.src)
+    pairs = []
+    for pair in found.pairs:
+        split = official.get(pair.name.rsplit(".", 1)[0])
+        if split:
+            pairs.append(_with_split(pair, split))
+        else:
+            detail = "listed in neither trainval.txt nor test.txt"
+            skipped += [Skip(pair.image, "not in the official split", detail),
+                        Skip(pair.mask, "not in the official split", detail)]
+    return pairs, skipped
+
+
+def _with_split(pair: Pair, split: str) -> Pair:
+    return Pair(pair.name, pair.image, pair.mask, split)
+
+
+def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair]):
+    import ray
+
+    rows = [{"name": p.name, "image_path": p.image, "mask_path": p.mask, "split": p.split} for p in pairs]
+    items = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // _BATCH, 400)))
+    return items.map_batches(
+        _decode_batch,
+        batch_size=_BATCH,
+        fn_kwargs={
+            "src": str(cfg.src),
+            "size": cfg.size,
+            "mask_values": found.mask_values,
+            "mask_offset": found.mask_offset,
+            "export": str(cfg.export_rmldnn) if cfg.export_rmldnn else None,
+        },
+    )
+
+
+_BATCH = 16
+_META_COLUMNS = ["name", "split", "image_path", "repair", "skip_file", "reason", "detail", "partner", "class_pixels"]
+
+
+def _decode_batch(batch: dict[str, np.ndarray], *, src: str, size: tuple[int, int], mask_values: tuple[int, ...],
+                  mask_offset: int, export: str | None) -> dict[str, np.ndarray]:
+    """Ray Data UDF: read, decode, check, resize (and optionally export) each pair of the batch.
+
+    A pair that cannot be used becomes a row with split "skipped", blank pixels and the reason.
+    """
+    rows = []
+    for name, image_rel, mask_rel, split in zip(batch["name"], batch["image_path"], batch["mask_path"],
+                                                batch["split"], strict=True):
+        row = {"name": name, "split": split, "image_path": image_rel, "repair": "", "skip_file": "",
+               "reason": "", "detail": "", "partner": "", "height": 0, "width": 0}
+        try:
+            decoded, truth = _load_pair(Path(src), image_rel, mask_rel, mask_values, mask_offset)
+        except _PairError as err:
+            row.update(split="skipped", skip_file=err.file, partner=err.partner, reason=err.cause.reason,
+                       detail=err.cause.detail, image=np.zeros((*size, 3), np.uint8), mask=np.zeros(size, np.uint8))
+        else:
+            if export:
+                _export_pair(Path(export) / _EXPORT_FOLDERS[split], name, Path(src) / image_rel, decoded, truth)
+            row.update(image=resize_image(decoded.pixels, size), mask=resize_mask(truth, size),
+                       height=truth.shape[0], width=truth.shape[1], repair=decoded.repair)
+        row["class_pixels"] = np.bincount(row["mask"].ravel(), minlength=len(CLASS_NAMES))
+        rows.append(row)
+    return {key: (np.stack if key in ("image", "mask", "class_pixels") else np.asarray)([r[key] for r in rows])
+            for key in rows[0]}
+
+
+class _PairError(Exception):
+    """``file`` of a pair cannot be used because of ``cause``; ``partner`` is the pair's other file."""
+
+    def __init__(self, file: str, partner: str, cause: DecodeError) -> None:
+        super().__init__(f"{file}: {cause}")
+        self.file, self.partner, self.cause = file, partner, cause
+
+
+def _load_pair(root: Path, image_rel: str, mask_rel: str, mask_values: tuple[int, ...], mask_offset: int):
+    """Decode one image (repaired to RGB) and its mask at full size, checking that they fit together."""
+    try:
+        image = decode_image((root / image_rel).read_bytes(), image_rel)
+    except DecodeError as err:
+        raise _PairError(image_rel, mask_rel, err) from None
+    try:
+        mask = decode_mask((root / mask_rel).read_bytes(), mask_values, mask_offset)
+    except DecodeError as err:
+        raise _PairError(mask_rel, image_rel, err) from None
+    if mask.shape != image.pixels.shape[:2]:
+        (mh, mw), (ih, iw) = mask.shape, image.pixels.shape[:2]
+        raise _PairError(mask_rel, image_rel,
+                         DecodeError("mask size differs from image", f"mask {mw}x{mh}, image {iw}x{ih}"))
+    return image, mask
+
+
+def _export_pair(folder: Path, name: str, source: Path, image: DecodedImage, mask: np.ndarray) -> None:
+    """Write one pair in rmldnn's layout at full size: the image as it was (or as PNG once repaired), the mask
+    as a single-channel PNG of class ids."""
+    stem = name.rsplit(".", 1)[0]
+    image_path = folder / "inputs" / (name if not image.repair else f"{stem}.png")
+    mask_path = folder / "masks" / f"{stem}.png"
+    for path in (image_path, mask_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if image.repair:
+        Image.fromarray(image.pixels).save(image_path)
+    else:
+        shutil.copyfile(source, image_path)
+    Image.fromarray(mask, mode="L").save(mask_path)
+
+
+def _manifest(cfg: PrepareConfig, found: Discovery, used: list[dict], skipped: list[Skip]) -> dict:
+    counts = {split: sum(r["split"] == split for r in used) for split in SPLITS}
+    pixels = {split: {name: int(sum(r["class_pixels"][c] for r in used if r["split"] == split))
+                      for c, name in enumerate(CLASS_NAMES)} for split in SPLITS}
+    if found.files != 2 * len(used) + len(skipped):
+        raise RuntimeError(f"file accounting broken: {found.files} found, {2 * len(used)} used, "
+                           f"{len(skipped)} skipped")
+    height, width = cfg.size
+    return {
+        "version": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": str(cfg.src.resolve()),
+        "layout": found.layout,
+        "image_size": {"height": height, "width": width},
+        "split": {"rule": "given" if found.layout == "rmldnn" else cfg.split,
+                  "test_fraction": cfg.test_fraction, "seed": cfg.seed},
+        "classes": list(CLASS_NAMES),
+        "mask_values": {"source": list(found.mask_values), "offset": found.mask_offset},
+        "counts": counts,
+        "files": {"candidates": found.files, "used": 2 * len(used), "skipped": len(skipped)},
+        "skip_reasons": dict(Counter(s.reason for s in skipped).most_common()),
+        "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.file)],
+        "repaired": sorted(({"file": r["image_path"], "repair": r["repair"]} for r in used if r["repair"]),
+                           key=lambda r: r["file"]),
+        "class_pixels": pixels,
+        "class_frequency": {split: {name: n / max(sum(pixels[split].values()), 1) for name, n in pixels[split].items()}
+                            for split in SPLITS},
+        "columns": {"name": "image path relative to the images root", "image": "uint8 (H, W, 3) RGB",
+                    "mask": "uint8 (H, W) class ids", "height": "original image height",
+                    "width": "original image width"},
+        "export_rmldnn": str(cfg.export_rmldnn.resolve()) if cfg.export_rmldnn else None,
+    }
+
+
+def _reasons_line(skipped: list[Skip]) -> str:
+    counts = Counter(s.reason for s in skipped)
+    return "; ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "no candidate files"
+
+
+def _fail_strict(skipped: list[Skip]) -> None:
+    first = min(skipped, key=lambda s: (s.reason == PARTNER_SKIPPED, s.file))  # name the file at fault
+    detail = f" ({first.detail})" if first.detail else ""
+    raise UserError(f"--strict: {first.file}: {first.reason}{detail}; {len(skipped)} file(s) would be skipped")
+
+
+def format_summary(manifest: dict, out: Path) -> str:
+    """The few lines ``raypets prepare`` prints: counts per split and skips per reason."""
+    counts, files = manifest["counts"], manifest["files"]
+    lines = [f"prepared {out}: {counts['train']} train + {counts['test']} test pairs at "
+             f"{manifest['image_size']['width']}x{manifest['image_size']['height']} ({manifest['layout']} layout)",
+             f"files: {files['candidates']} found, {files['used']} used, {files['skipped']} skipped"]
+    lines += [f"  skipped {n}: {reason}" for reason, n in manifest["skip_reasons"].items()]
+    if manifest["repaired"]:
+        lines.append(f"  repaired {len(manifest['repaired'])} image(s) to RGB (listed in manifest.json)")
+    return "\n".join(lines)

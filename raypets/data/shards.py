@@ -1,0 +1,57 @@
+"""Open prepared shards (Parquet written by ``raypets prepare``) with the manifest's metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from raypets.errors import UserError
+
+
+def read_manifest(data: str | Path) -> dict:
+    """The manifest of a prepared folder, or one clear error when ``data`` is not one."""
+    path = Path(data) / "manifest.json"
+    if not Path(data).is_dir():
+        raise UserError(f"{data}: prepared data folder does not exist")
+    if not path.is_file():
+        raise UserError(f"{data}: not a prepared dataset (no manifest.json); run `raypets prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    for key in ("counts", "classes", "image_size"):
+        if key not in manifest:
+            raise UserError(f"{path}: missing key {key!r}; re-run `raypets prepare`")
+    return manifest
+
+
+def split_path(data: str | Path, split: str) -> Path:
+    """The Parquet folder of ``split``, checked against the manifest."""
+    manifest = read_manifest(data)
+    if split not in manifest["counts"]:
+        raise UserError(f"{data}: no split {split!r}; it has {', '.join(manifest['counts'])}")
+    return Path(data) / split
+
+
+def open_split(data: str | Path, split: str, columns: list[str] | None = None):
+    """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...)."""
+    import ray
+
+    path = split_path(data, split)
+    if read_manifest(data)["counts"][split] == 0:
+        raise UserError(f"{data}: split {split!r} is empty")
+    return ray.data.read_parquet(str(path), columns=columns)
+
+
+def load_split(data: str | Path, split: str) -> dict[str, np.ndarray]:
+    """The whole split in memory as NumPy arrays sorted by name (for tests and small plain-PyTorch loops)."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  registers Ray's tensor extension type that the shards' columns use
+
+    path = split_path(data, split)
+    if not any(path.glob("*.parquet")):
+        raise UserError(f"{data}: split {split!r} is empty")
+    table = pq.read_table(path).sort_by("name")
+    return {col: table.column(col).combine_chunks().to_numpy(zero_copy_only=False) for col in table.column_names}

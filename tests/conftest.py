@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray per test session, and small datasets written to disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Real local Ray with 4 logical CPUs (Ray Data and Train each need slots; 2 would hang), quiet output."""
+    import ray
+    from ray.data import DataContext
+
+    os.environ.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rp-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def save_image(path: Path, pixels: np.ndarray, fmt: str | None = None, mode: str | None = None) -> Path:
+    """Write ``pixels`` to ``path`` in ``fmt`` (default from the suffix), optionally converted to ``mode``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(pixels)
+    if mode:
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def random_pair(rng: np.random.Generator, width: int = 48, height: int = 40, values=(1, 2, 3)):
+    """A noisy RGB image and a blocky mask holding every value of ``values``."""
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.full((height, width), values[1], np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = values[0]
+    mask[height // 4, width // 4: 3 * width // 4] = values[2]
+    return image, mask
