@@ -49,6 +49,59 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from raypets.config import RECIPES, TrainConfig
+    from raypets.runtime import set_progress_bars
+    from raypets.train import train
+
+    if args.data is None or args.run_dir is None:
+        raise UserError("raypets train needs --data SHARDS and --run-dir RUN")
+    settings = dict(RECIPES[args.recipe])
+    settings.update({key: value for key, value in vars(args).items() if key in _TRAIN_FLAGS and value is not None})
+    cfg = TrainConfig(**settings)
+    set_progress_bars(not args.no_progress)
+    metrics = train(cfg, address=args.address)
+    print(f"finished epoch {metrics['epoch']}: test mean Dice {metrics['mean_dice']:.4f}; "
+          f"checkpoint {metrics.get('model_checkpoint', 'none')}")
+    return 0
+
+
+_TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "epochs", "batch_size", "test_batch_size", "lr", "optimizer",
+                "loss", "warmup_steps", "bn_momentum", "hflip", "vflip", "network", "checkpoint_every", "keep",
+                "max_failures", "resume", "seed", "name"}
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    from raypets.config import LOSSES, OPTIMIZERS, RECIPES
+
+    parser.add_argument("--data", type=Path, help="prepared shards (raypets prepare OUT)")
+    parser.add_argument("--run-dir", type=Path, help="folder for checkpoints, logs and plots")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="one GPU per worker")
+    device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="CPU workers only")
+    parser.add_argument("--epochs", type=int, help="default 30")
+    parser.add_argument("--batch-size", type=int, help="global batch, split over workers (default 64)")
+    parser.add_argument("--test-batch-size", type=int, help="global test batch (default 128)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default rmsprop (torch defaults)")
+    parser.add_argument("--loss", choices=LOSSES, help="default dice (on softmax)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="robust",
+                        help="robust (default: LR warm-up, BN momentum 0.1) or tutorial (literal rmldnn recipe)")
+    parser.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps (robust: 100, tutorial: 0)")
+    parser.add_argument("--bn-momentum", type=float, help="torch BatchNorm momentum (robust: 0.1, tutorial: 0.01)")
+    parser.add_argument("--hflip", type=float, help="random horizontal flip probability (default 0)")
+    parser.add_argument("--vflip", type=float, help="random vertical flip probability (default 0)")
+    parser.add_argument("--network", type=Path, help="Keras JSON network (default: the built-in XceptionUNet)")
+    parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
+    parser.add_argument("--keep", type=int, help="Ray checkpoints to keep (default all)")
+    parser.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
+    parser.add_argument("--resume", action="store_true", default=None, help="continue the run in --run-dir")
+    parser.add_argument("--seed", type=int, help="default 0")
+    parser.add_argument("--name", help="prefix of the text logs (default raypets)")
+    _add_ray_args(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -76,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write training/ and testing/ {inputs,masks}/ for rmldnn configs")
     _add_ray_args(prep)
     prep.set_defaults(func=_prepare)
+
+    fit = commands.add_parser("train", help="train the U-Net with Ray Train on N workers")
+    _add_train_args(fit)
+    fit.set_defaults(func=_train)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from raypets.data.layouts import LAYOUTS
@@ -62,3 +62,107 @@ def check_output_folder(path: Path, ours: frozenset[str], overwrite: bool, what:
             f"{path}: --overwrite only replaces a {what} ({', '.join(sorted(ours))}); "
             f"it also holds {', '.join(strangers[:5])}, so it is left alone"
         )
+
+
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
+LOSSES = ("dice", "ce", "dice+ce", "jaccard", "nll")
+DEVICES = ("auto", "cpu", "gpu")
+SCHEDULERS = {"step": ("step_size", "gamma"), "multistep": ("milestones", "gamma"), "exponential": ("gamma",)}
+
+# Where the default recipe deviates from the tutorial's literal one, and why (README "Training"): a linear LR
+# warm-up stops the Dice loss collapsing to all-background early, and torch's BN momentum keeps the running
+# statistics close enough that eval-mode predictions are not blank for the first epochs.
+RECIPES = {
+    "robust": {"warmup_steps": 100, "bn_momentum": 0.1},
+    "tutorial": {"warmup_steps": 0, "bn_momentum": 0.01},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``raypets train``: the tutorial's defaults, made robust where the literal recipe collapses.
+
+    ``batch_size`` and ``test_batch_size`` are global, as in rmldnn: each of the N workers takes 1/N.
+    Inputs are fed as ``(pixel / 255 - normalize_mean) / normalize_std``; the tutorial's std 1/255 gives 0-255.
+    """
+
+    data: Path
+    run_dir: Path
+    workers: int = 1
+    device: str = "auto"
+    epochs: int = 30
+    batch_size: int = 64
+    test_batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "rmsprop"
+    loss: str = "dice"
+    loss_source: str = "softmax"
+    lr_scheduler: dict | None = None
+    warmup_steps: int = RECIPES["robust"]["warmup_steps"]
+    bn_momentum: float = RECIPES["robust"]["bn_momentum"]
+    hflip: float = 0.0
+    vflip: float = 0.0
+    normalize_mean: float = 0.0
+    normalize_std: float = 1 / 255
+    network: Path | None = None
+    init_weights: Path | None = None
+    checkpoint_every: int = 5
+    keep: int | None = None
+    max_failures: int = 2
+    resume: bool = False
+    seed: int = 0
+    name: str = "raypets"
+    checkpoint_dir: str = "checkpoints"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.device in DEVICES, f"unknown device {self.device!r}; choose {', '.join(DEVICES)}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= self.workers,
+             f"--batch-size {self.batch_size} is global and must be at least --workers {self.workers}"),
+            (self.test_batch_size >= self.workers,
+             f"--test-batch-size {self.test_batch_size} is global and must be at least --workers {self.workers}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"),
+            (self.loss in LOSSES, f"unknown loss {self.loss!r}; choose {', '.join(LOSSES)}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (0.0 <= self.bn_momentum <= 1.0, f"--bn-momentum must be in [0, 1], got {self.bn_momentum}"),
+            (0.0 <= self.hflip <= 1.0 and 0.0 <= self.vflip <= 1.0, "flip probabilities must be in [0, 1]"),
+            (self.normalize_std > 0, f"normalize std must be positive, got {self.normalize_std}"),
+            (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
+            (self.keep is None or self.keep >= 1, f"--keep must be at least 1, got {self.keep}"),
+            (self.max_failures >= -1, f"--max-failures must be -1 (forever) or more, got {self.max_failures}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.lr_scheduler is not None:
+            check_lr_scheduler(self.lr_scheduler)
+        for path in (self.network, self.init_weights):
+            if path is not None and not Path(path).is_file():
+                raise UserError(f"{path}: file does not exist")
+
+    def to_dict(self) -> dict:
+        """Plain JSON types, for Ray's loop config and for checkpoints."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"unknown training setting(s): {', '.join(unknown)}")
+        paths = {"data", "run_dir", "network", "init_weights"}
+        return cls(**{k: Path(v) if k in paths and v is not None else v for k, v in values.items()})
+
+
+def check_lr_scheduler(spec: dict) -> None:
+    """``{"type": "step", "step_size": 10, "gamma": 0.1}``, ``multistep`` (``milestones``) or ``exponential``."""
+    kind = str(spec.get("type", "")).lower()
+    if kind not in SCHEDULERS:
+        raise UserError(f"lr_scheduler type {spec.get('type')!r} is not one of {', '.join(SCHEDULERS)}")
+    expected = set(SCHEDULERS[kind])
+    missing, unknown = expected - set(spec), set(spec) - expected - {"type"}
+    if missing or unknown:
+        raise UserError(f"lr_scheduler {kind} takes {', '.join(sorted(expected))}; "
+                        f"missing {sorted(missing) or 'none'}, unknown {sorted(unknown) or 'none'}")
