@@ -20,7 +20,9 @@ def ray_local():
 
     os.environ.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rp-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    tests = str(Path(__file__).resolve().parent)  # Ray's processes unpickle callbacks defined in test modules
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests}})
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

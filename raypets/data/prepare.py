@@ -1,9 +1,10 @@
 """The Ray Data preparation pipeline: image/mask pairs -> Parquet shards per split + ``manifest.json``.
 
 The driver lists file paths only (:mod:`raypets.data.layouts`); Ray tasks read, decode, repair, check and resize
-each pair in one UDF, so the driver never holds the images. A bad pair becomes a row with an error instead of an
-exception; after one materialised pass the driver writes each split and collects the small per-file metadata that
-the manifest records. Every candidate file ends up counted once: used in a split, or skipped with a reason.
+each pair in one UDF and write the rows of each split as Parquet (a Datasink fused with the UDF), so the driver
+never holds the images and the data is read once. A bad pair becomes a row with a reason instead of an exception;
+the driver gets back only the small per-file metadata the manifest records. Every candidate file ends up counted
+once: used in a split, or skipped with a reason.
 """
 
 from __future__ import annotations
@@ -12,17 +13,26 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
 
 from raypets.config import CLASS_NAMES, PrepareConfig
 from raypets.data.decode import DecodedImage, DecodeError, decode_image, decode_mask, resize_image, resize_mask
 from raypets.data.layouts import Discovery, Pair, Skip, discover, official_split
 from raypets.errors import UserError
+from raypets.runtime import init_ray
+
+if TYPE_CHECKING:
+    from ray.data._internal.execution.interfaces import TaskContext
 
 SPLITS = ("train", "test")
 SHARD_COLUMNS = ["name", "image", "mask", "height", "width"]
@@ -38,7 +48,11 @@ def hash_split(name: str, seed: int, test_fraction: float) -> str:
 
 
 def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
-    """Prepare ``cfg.src`` into ``cfg.out`` and return the manifest (also written as ``out/manifest.json``)."""
+    """Prepare ``cfg.src`` into ``cfg.out`` and return the manifest (also written as ``out/manifest.json``).
+
+    Output is built in hidden staging folders beside ``out`` (and the export) and moved into place only once
+    complete, so a failed or ``--strict`` run leaves an earlier output as it was.
+    """
     found = discover(cfg.src, cfg.layout)
     pairs, skipped = _assign_splits(cfg, found)
     if cfg.strict and skipped:
@@ -46,32 +60,70 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
     if not pairs:
         raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
 
-    from raypets.runtime import init_ray
-
     init_ray(address)
-    from ray.data.expressions import col
-
-    decoded = _decode_dataset(cfg, found, pairs).materialize()
-    meta = decoded.select_columns(_META_COLUMNS).take_all()
-    for row in meta:
-        if row["reason"]:
-            skipped.append(Skip(row["skip_file"], row["reason"], row["detail"]))
-            skipped.append(Skip(row["partner"], PARTNER_SKIPPED, row["skip_file"]))
-    if cfg.strict and skipped:
-        _fail_strict(skipped)
-    used = [row for row in meta if not row["reason"]]
-    if not used:
-        raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
-
-    if cfg.out.exists():
-        shutil.rmtree(cfg.out)  # PrepareConfig allowed this: --overwrite of a previous prepare's output
-    for split in SPLITS:
-        part = decoded.filter(expr=col("split") == split).select_columns(SHARD_COLUMNS)
-        part.write_parquet(str(cfg.out / split))
-        (cfg.out / split).mkdir(parents=True, exist_ok=True)  # an empty split still has its folder
-    manifest = _manifest(cfg, found, used, skipped)
-    (cfg.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    targets = [cfg.out] + ([cfg.export_rmldnn] if cfg.export_rmldnn else [])
+    staging = {target: target.parent / f".{target.name}.partial" for target in targets}
+    try:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        sink = _ShardSink(str(staging[cfg.out]))
+        _decode_dataset(cfg, found, pairs, staging.get(cfg.export_rmldnn)).write_datasink(sink)
+        used = [row for row in sink.rows if not row["reason"]]
+        for row in sink.rows:
+            if row["reason"]:
+                skipped += [Skip(row["skip_file"], row["reason"], row["detail"]),
+                            Skip(row["partner"], PARTNER_SKIPPED, row["skip_file"])]
+        if cfg.strict and skipped:
+            _fail_strict(skipped)
+        if not used:
+            raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
+        manifest = _manifest(cfg, found, used, skipped, sink.class_pixels)
+        (staging[cfg.out] / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for target, folder in staging.items():
+            if target.exists():
+                shutil.rmtree(target)  # empty, or an earlier output that PrepareConfig allowed --overwrite to replace
+            folder.rename(target)
+    finally:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
     return manifest
+
+
+class _ShardSink(Datasink):
+    """Writes each decoded block's rows into ``out/<split>/`` as Parquet and returns their small metadata.
+
+    Runs in the Ray tasks that decode (fused with the UDF); the driver gets back only names, skip reasons and
+    class pixel counts, in :meth:`on_write_complete`.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.rows: list[dict] = []
+        self.class_pixels = {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
+
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> tuple[list[dict], dict]:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        rows, pixels = [], {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
+        for index, block in enumerate(blocks):
+            table = BlockAccessor.for_block(block).to_arrow()
+            for split in SPLITS:
+                part = table.filter(pc.equal(table["split"], split))
+                if part.num_rows:
+                    path = Path(self.out, split, f"part-{ctx.task_idx:05d}-{index:03d}.parquet")
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    pq.write_table(part.select(SHARD_COLUMNS), path)
+                    pixels[split] += part["class_pixels"].combine_chunks().to_numpy().sum(axis=0)
+            rows += table.select(_META_COLUMNS).to_pylist()
+        return rows, pixels
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        for rows, pixels in write_result.write_returns:
+            self.rows += rows
+            for split in SPLITS:
+                self.class_pixels[split] += pixels[split]
 
 
 def _assign_splits(cfg: PrepareConfig, found: Discovery) -> tuple[list[Pair], list[Skip]]:
@@ -100,7 +152,7 @@ def _with_split(pair: Pair, split: str) -> Pair:
     return Pair(pair.name, pair.image, pair.mask, split)
 
 
-def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair]):
+def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], export: Path | None):
     import ray
 
     rows = [{"name": p.name, "image_path": p.image, "mask_path": p.mask, "split": p.split} for p in pairs]
@@ -113,13 +165,13 @@ def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair]):
             "size": cfg.size,
             "mask_values": found.mask_values,
             "mask_offset": found.mask_offset,
-            "export": str(cfg.export_rmldnn) if cfg.export_rmldnn else None,
+            "export": str(export) if export else None,
         },
     )
 
 
-_BATCH = 16
-_META_COLUMNS = ["name", "split", "image_path", "repair", "skip_file", "reason", "detail", "partner", "class_pixels"]
+_BATCH = 32
+_META_COLUMNS = ["name", "split", "image_path", "repair", "skip_file", "reason", "detail", "partner"]
 
 
 def _decode_batch(batch: dict[str, np.ndarray], *, src: str, size: tuple[int, int], mask_values: tuple[int, ...],
@@ -189,10 +241,10 @@ def _export_pair(folder: Path, name: str, source: Path, image: DecodedImage, mas
     Image.fromarray(mask, mode="L").save(mask_path)
 
 
-def _manifest(cfg: PrepareConfig, found: Discovery, used: list[dict], skipped: list[Skip]) -> dict:
+def _manifest(cfg: PrepareConfig, found: Discovery, used: list[dict], skipped: list[Skip],
+              class_pixels: dict[str, np.ndarray]) -> dict:
     counts = {split: sum(r["split"] == split for r in used) for split in SPLITS}
-    pixels = {split: {name: int(sum(r["class_pixels"][c] for r in used if r["split"] == split))
-                      for c, name in enumerate(CLASS_NAMES)} for split in SPLITS}
+    pixels = {split: dict(zip(CLASS_NAMES, map(int, class_pixels[split]), strict=True)) for split in SPLITS}
     if found.files != 2 * len(used) + len(skipped):
         raise RuntimeError(f"file accounting broken: {found.files} found, {2 * len(used)} used, "
                            f"{len(skipped)} skipped")

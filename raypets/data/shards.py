@@ -42,7 +42,8 @@ def open_split(data: str | Path, split: str, columns: list[str] | None = None):
     path = split_path(data, split)
     if read_manifest(data)["counts"][split] == 0:
         raise UserError(f"{data}: split {split!r} is empty")
-    return ray.data.read_parquet(str(path), columns=columns)
+    dataset = ray.data.read_parquet(str(path))
+    return dataset.select_columns(columns) if columns else dataset
 
 
 def load_split(data: str | Path, split: str) -> dict[str, np.ndarray]:
