@@ -54,12 +54,26 @@ def _train(args: argparse.Namespace) -> int:
     from raypets.runtime import set_progress_bars
     from raypets.train import train
 
-    if args.data is None or args.run_dir is None:
-        raise UserError("raypets train needs --data SHARDS and --run-dir RUN")
     settings = dict(RECIPES[args.recipe])
-    settings.update({key: value for key, value in vars(args).items() if key in _TRAIN_FLAGS and value is not None})
+    flags = {key: value for key, value in vars(args).items() if key in _TRAIN_FLAGS and value is not None}
+    source = None
+    if args.config:
+        from raypets.rmldnn import training_settings
+
+        from_file, data_root, size = training_settings(args.config)
+        settings.update(from_file)
+        if data_root is not None and "data" not in flags:  # the file's rmldnn folders, prepared beside the run
+            source = (data_root, size or (160, 160))
+            settings["data"] = flags.get("run_dir", settings["run_dir"]) / "shards"
+    settings.update(flags)
+    if settings.get("data") is None or settings.get("run_dir") is None:
+        raise UserError("raypets train needs --data SHARDS and --run-dir RUN, or --config FILE")
     cfg = TrainConfig(**settings)
     set_progress_bars(not args.no_progress)
+    if source:
+        from raypets.train import ensure_shards
+
+        ensure_shards(source[0], cfg.data, source[1], address=args.address)
     metrics = train(cfg, address=args.address)
     print(f"finished epoch {metrics['epoch']}: test mean Dice {metrics['mean_dice']:.4f}; "
           f"checkpoint {metrics.get('model_checkpoint', 'none')}")
@@ -74,6 +88,7 @@ _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "epochs", "batch_size", 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     from raypets.config import LOSSES, OPTIMIZERS, RECIPES
 
+    parser.add_argument("--config", type=Path, help="an rmldnn training config; flags override it")
     parser.add_argument("--data", type=Path, help="prepared shards (raypets prepare OUT)")
     parser.add_argument("--run-dir", type=Path, help="folder for checkpoints, logs and plots")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default 1)")

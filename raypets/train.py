@@ -19,14 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raypets.config import TrainConfig
+from raypets.config import PrepareConfig, TrainConfig
+from raypets.data.prepare import format_summary, prepare
 from raypets.data.shards import open_split, read_manifest
 from raypets.errors import UserError
 from raypets.keras_json import from_keras_json
 from raypets.losses import make_loss
 from raypets.metrics import ConfusionMatrix
 from raypets.model import XceptionUNet, check_image_size, count_parameters
-from raypets.runlog import RunLog
+from raypets.report import plot_curves
+from raypets.runlog import RunLog, read_metrics
 from raypets.runtime import init_ray
 
 RAY_RUN_NAME = "ray_train"  # RunConfig name: Ray's checkpoints live in RUN/ray_train/
@@ -285,11 +287,23 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     )
     print(header(cfg, manifest, use_gpu), flush=True)
     result = trainer.fit()
+    plot_curves(read_metrics(cfg.run_dir), cfg.run_dir)
     metrics = dict(result.metrics or {})
     if result.checkpoint is not None:
         metrics["checkpoint"] = result.checkpoint.path
         metrics["model_checkpoint"] = str(Path(result.checkpoint.path) / f"model_checkpoint_{metrics['epoch']}.pt")
     return metrics
+
+
+def ensure_shards(src: Path, shards: Path, size: tuple[int, int], *, address: str | None = None) -> None:
+    """Prepare the rmldnn-layout folder ``src`` into ``shards`` at ``size``, unless that was done already."""
+    if (shards / "manifest.json").is_file():
+        manifest = read_manifest(shards)
+        if manifest["source"] != str(src.resolve()) or (manifest["image_size"]["height"],
+                                                         manifest["image_size"]["width"]) != tuple(size):
+            raise UserError(f"{shards}: holds shards of {manifest['source']} at another size; remove it or pass --data")
+        return
+    print(format_summary(prepare(PrepareConfig(src, shards, layout="rmldnn", size=size), address=address), shards))
 
 
 def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:

@@ -80,6 +80,8 @@ def test_training_learns_checkpoints_and_logs(shards, tmp_path):
     assert float(test_log[-1].split()[-1]) == pytest.approx(final["mean_dice"], abs=1e-6)
     train_log = [line.split() for line in (run / "raypets_train.txt").read_text().splitlines()[1:]]
     assert {row[0] for row in train_log} == {"1", "2", "3", "4"} and all(len(row) == 6 for row in train_log)
+    for plot in ("loss.png", "dice.png"):
+        assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with pytest.raises(UserError, match="holds a training run already; pass --resume"):
         train(TrainConfig(data=shards, run_dir=run, epochs=4, **FAST))

@@ -170,7 +170,7 @@ def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], exp
     )
 
 
-_BATCH = 32
+_BATCH = 64
 _META_COLUMNS = ["name", "split", "image_path", "repair", "skip_file", "reason", "detail", "partner"]
 
 
