@@ -1,0 +1,126 @@
+"""Training images/s of ``raypets train`` (Ray Train, 1 and 2 CPU workers) against a plain PyTorch loop.
+
+    python benchmarks/bench_train.py [--n 320] [--size 64] [--batch 16] [--epochs 2] [--write-docs]
+
+Same shards, model, loss, optimizer, global batch and torch thread count; the figure is the training images/s of
+the last epoch (the first one pays the workers' start), evaluation excluded, as ``raypets train`` reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+SECTION = "## Train: Ray Train against a plain PyTorch loop (`benchmarks/bench_train.py`)"
+
+
+def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
+    """Images/s of the last epoch of a single-process loop doing what one Ray Train worker does."""
+    from raypets.config import TrainConfig
+    from raypets.data.shards import load_split
+    from raypets.losses import make_loss
+    from raypets.train import build_model, learning_rate, make_optimizer, to_inputs
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = TrainConfig(data=shards, run_dir=shards, batch_size=batch)
+    data = load_split(shards, "train")
+    images, masks = torch.from_numpy(data["image"]), torch.from_numpy(data["mask"])
+    model = build_model(cfg, 3)
+    optimizer = make_optimizer(cfg, model.parameters())
+    loss_fn = make_loss(cfg.loss)
+    step, rate = 0, 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(len(images))
+        for first in range(0, len(order), batch):
+            index = order[first: first + batch]
+            x, y = to_inputs(images[index], cfg, channels_last=False), masks[index].long()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, epoch)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            optimizer.step()
+            step += 1
+        rate = len(images) / (time.perf_counter() - start)
+    return rate
+
+
+def ray_train(shards: Path, run_dir: Path, workers: int, batch: int, epochs: int) -> float:
+    from raypets.config import TrainConfig
+    from raypets.runlog import read_metrics
+    from raypets.train import train
+
+    train(TrainConfig(data=shards, run_dir=run_dir, workers=workers, batch_size=batch, test_batch_size=batch,
+                      epochs=epochs, checkpoint_every=epochs))
+    return read_metrics(run_dir)[-1]["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=320)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+
+    from raypets.config import PrepareConfig
+    from raypets.data.prepare import prepare
+    from raypets.data.synth import synthesize
+    from raypets.runtime import set_progress_bars
+
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthesize(root / "raw", n=args.n, size=(4 * args.size, 3 * args.size), seed=0)
+        ray.init(num_cpus=threads + 2, include_dashboard=False, log_to_driver=False)
+        set_progress_bars(False)
+        prepare(PrepareConfig(root / "raw", root / "shards", size=(args.size, args.size), test_fraction=0.1))
+        plain = plain_loop(root / "shards", args.batch, args.epochs, threads)
+        one = ray_train(root / "shards", root / "run1", 1, args.batch, args.epochs)
+        two = ray_train(root / "shards", root / "run2", 2, args.batch, args.epochs)
+        ray.shutdown()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    text = f"""{SECTION}
+
+{date.today().isoformat()}, {cpu}, {threads} cores, torch {torch.__version__}; `python benchmarks/bench_train.py \
+--n {args.n} --size {args.size} --batch {args.batch} --epochs {args.epochs}`. XceptionUNet, Dice, RMSprop, \
+global batch {args.batch}, {args.size}×{args.size} synthetic shards ({args.n} images, 90% train); images/s of the \
+last epoch's training.
+
+| run | train images/s | ratio to the plain loop |
+|---|---|---|
+| plain PyTorch loop, 1 process, {threads} threads | {plain:.1f} | 1.00 |
+| `raypets train --workers 1` (Ray Train, Ray Data shard) | {one:.1f} | **{one / plain:.2f}** |
+| `raypets train --workers 2` (DDP over gloo, {threads // 2} thread(s) each) | {two:.1f} | {two / plain:.2f} |
+
+- 1 worker / plain loop: **{one / plain:.2f}** (target ≥ 0.90). 2 workers / 1 worker on this {threads}-core machine: \
+{two / one:.2f}.
+"""
+    print(text)
+    if args.write_docs:
+        doc = DOCS.read_text()
+        if SECTION not in doc:
+            doc = doc.rstrip() + "\n\n" + SECTION + "\n"
+        start = doc.index(SECTION)
+        end = doc.find("\n## ", start + len(SECTION))
+        DOCS.write_text(doc[:start] + text.rstrip() + "\n" + (doc[end:] if end != -1 else ""))
+
+
+if __name__ == "__main__":
+    main()
