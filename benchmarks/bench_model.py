@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from docs_section import DOCS, machine, write_section
 from torch import nn
 
 from raypets.keras_json import REFERENCE_NETWORK
 from raypets.model import XceptionUNet, from_keras_json
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Model: forward + backward throughput (`benchmarks/bench_model.py`)"
 
 
@@ -73,22 +72,6 @@ def run(device: torch.device, batch: int, size: int, warmup: int, timed: int, ne
         steps[name] = train_step(model, x, target, autocast=gpu)
     seconds = measure(steps, device, warmup, timed)
     return {name: batch / s for name, s in seconds.items()}
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores{load}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def write_docs(text: str) -> None:
-    """Replace the model section of docs/benchmarks.md (up to the next `## ` heading) with `text`."""
-    doc = DOCS.read_text()
-    start = doc.index(SECTION)
-    end = doc.find("\n## ", start + len(SECTION))
-    DOCS.write_text(doc[:start] + text.rstrip() + "\n" + (doc[end:] if end != -1 else ""))
 
 
 def main() -> None:
@@ -143,7 +126,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_docs:
-        write_docs(text)
+        write_section(SECTION, text)
         print(f"\nwrote {DOCS}")
 
 

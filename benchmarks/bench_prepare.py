@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -20,8 +19,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from docs_section import machine, write_section
+
 SIZE = (160, 160)
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Prepare: Ray Data against a plain loop (`benchmarks/bench_prepare.py`)"
 
 
@@ -124,21 +124,6 @@ def dataset(root: Path, n: int) -> Path:
     return src
 
 
-def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    start = doc.index(SECTION)
-    end = doc.find("\n## ", start + len(SECTION))
-    DOCS.write_text(doc[:start] + text.rstrip() + "\n" + (doc[end:] if end != -1 else ""))
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -193,7 +178,7 @@ reaches {warm_ips / pool_ips:.2f} of it warm.
 """
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

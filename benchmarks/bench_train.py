@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from docs_section import machine, write_section
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Train: Ray Train against a plain PyTorch loop (`benchmarks/bench_train.py`)"
 
 
@@ -84,6 +83,7 @@ def main() -> None:
     from raypets.runtime import set_progress_bars
 
     threads = os.cpu_count() or 1
+    host = machine()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         synthesize(root / "raw", n=args.n, size=(4 * args.size, 3 * args.size), seed=0)
@@ -94,11 +94,9 @@ def main() -> None:
         one = ray_train(root / "shards", root / "run1", 1, args.batch, args.epochs)
         two = ray_train(root / "shards", root / "run2", 2, args.batch, args.epochs)
         ray.shutdown()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     text = f"""{SECTION}
 
-{date.today().isoformat()}, {cpu}, {threads} cores, torch {torch.__version__}; `python benchmarks/bench_train.py \
+{date.today().isoformat()}, {host}; `python benchmarks/bench_train.py \
 --n {args.n} --size {args.size} --batch {args.batch} --epochs {args.epochs}`. XceptionUNet, Dice, RMSprop, \
 global batch {args.batch}, {args.size}×{args.size} synthetic shards ({args.n} images, 90% train); images/s of the \
 last epoch's training.
@@ -114,12 +112,7 @@ last epoch's training.
 """
     print(text)
     if args.write_docs:
-        doc = DOCS.read_text()
-        if SECTION not in doc:
-            doc = doc.rstrip() + "\n\n" + SECTION + "\n"
-        start = doc.index(SECTION)
-        end = doc.find("\n## ", start + len(SECTION))
-        DOCS.write_text(doc[:start] + text.rstrip() + "\n" + (doc[end:] if end != -1 else ""))
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ def read_manifest(data: str | Path) -> dict:
     return manifest
 
 
-def split_path(data: str | Path, split: str) -> Path:
+def split_path(data: str | Path, split: str, manifest: dict | None = None) -> Path:
     """The Parquet folder of ``split``, checked against the manifest."""
-    manifest = read_manifest(data)
+    manifest = manifest or read_manifest(data)
     if split not in manifest["counts"]:
         raise UserError(f"{data}: no split {split!r}; it has {', '.join(manifest['counts'])}")
     return Path(data) / split
@@ -39,8 +39,9 @@ def open_split(data: str | Path, split: str, columns: list[str] | None = None):
     """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...)."""
     import ray
 
-    path = split_path(data, split)
-    if read_manifest(data)["counts"][split] == 0:
+    manifest = read_manifest(data)
+    path = split_path(data, split, manifest)
+    if manifest["counts"][split] == 0:
         raise UserError(f"{data}: split {split!r} is empty")
     dataset = ray.data.read_parquet(str(path))
     return dataset.select_columns(columns) if columns else dataset
