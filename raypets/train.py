@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -157,7 +158,9 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint_dir = _save(model, optimizer, cfg, epoch, step) if rank == 0 else None
         if log:
             log.epoch(metrics)
-            print(epoch_line(metrics, cfg.epochs), flush=True)
+            # Not print(): Ray Train's patched print tees a worker's stdout to its logger too (two lines each).
+            sys.stdout.write(epoch_line(metrics, cfg.epochs) + "\n")
+            sys.stdout.flush()
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint_dir:
