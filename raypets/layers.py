@@ -210,8 +210,8 @@ class KerasConvTranspose2d(nn.ConvTranspose2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
-class KerasMaxPool2d(nn.Module):
-    """Keras `MaxPooling2D`; "same" pads with -inf, the odd extra at the bottom/right."""
+class _KerasPool2d(nn.Module):
+    """Pool size, stride (default: the pool size) and Keras padding of a Keras pooling layer."""
 
     def __init__(self, pool_size: int | Pair, stride: int | Pair | None = None, padding: str = "valid") -> None:
         super().__init__()
@@ -221,6 +221,10 @@ class KerasMaxPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pool_size={self.pool_size}, stride={self.stride}, keras_padding={self.keras_padding}"
+
+
+class KerasMaxPool2d(_KerasPool2d):
+    """Keras `MaxPooling2D`; "same" pads with -inf, the odd extra at the bottom/right."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding: Pair = (0, 0)
@@ -233,17 +237,8 @@ class KerasMaxPool2d(nn.Module):
         return F.max_pool2d(x, self.pool_size, self.stride, padding)
 
 
-class KerasAvgPool2d(nn.Module):
+class KerasAvgPool2d(_KerasPool2d):
     """Keras `AveragePooling2D`; with "same" the padded positions are left out of each average, as in TF."""
-
-    def __init__(self, pool_size: int | Pair, stride: int | Pair | None = None, padding: str = "valid") -> None:
-        super().__init__()
-        self.pool_size = pair(pool_size)
-        self.stride = self.pool_size if stride is None else pair(stride)
-        self.keras_padding = _check_padding(padding)
-
-    def extra_repr(self) -> str:
-        return f"pool_size={self.pool_size}, stride={self.stride}, keras_padding={self.keras_padding}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = (0, 0, 0, 0)
