@@ -129,9 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=cfg.batch_size // world, local_shuffle_buffer_size=max(cfg.batch_size, 256),
             local_shuffle_seed=cfg.seed * 1_000 + epoch)
         for batch_index, batch in enumerate(batches, start=1):
-            x = to_inputs(batch["image"].to(device), cfg, use_gpu)
-            y = batch["mask"].to(device).long()
-            x, y = random_flips(x, y, cfg, gen)
+            x, y = random_flips(*_tensors(batch, cfg, device, use_gpu), cfg, gen)
             lr = learning_rate(cfg, step, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -141,7 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             optimizer.step()
-            loss_sum += torch.stack([loss.detach().double() * len(x), torch.tensor(len(x), device=device)])
+            loss_sum += _weighted(loss.detach(), len(x), device)
             step += 1
             if log:
                 log.batch(epoch, batch_index, time.perf_counter() - started, loss.item(), grad_norm.item(), lr)
@@ -149,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
         _all_reduce(loss_sum)
         test = evaluate(model, test_data, cfg, classes, device, use_gpu, loss_fn, rank, world)
         metrics = {
-            "epoch": epoch, "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(), **test,
+            "epoch": epoch, "train_loss": _mean(loss_sum), **test,
             "lr": learning_rate(cfg, max(step - 1, 0), epoch), "images_per_s": loss_sum[1].item() / train_time,
             "epoch_time_s": time.perf_counter() - started,
         }
@@ -182,11 +180,10 @@ def evaluate(model, test_data, cfg: TrainConfig, classes: list[str], device, use
         for index, batch in enumerate(test_data.iter_torch_batches(batch_size=max(1, cfg.test_batch_size // world))):
             if index % world != rank:
                 continue
-            x = to_inputs(batch["image"].to(device), cfg, use_gpu)
-            y = batch["mask"].to(device).long()
+            x, y = _tensors(batch, cfg, device, use_gpu)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu):
                 logits = model(x)
-            loss_sum += torch.stack([loss_fn(logits, y).double() * len(x), torch.tensor(len(x), device=device)])
+            loss_sum += _weighted(loss_fn(logits, y), len(x), device)
             matrix.update(logits, y)
     _all_reduce(loss_sum)
     result = matrix.all_reduce().compute()
@@ -194,7 +191,7 @@ def evaluate(model, test_data, cfg: TrainConfig, classes: list[str], device, use
     top = max(predicted, key=predicted.get)
     collapsed = predicted[top] >= COLLAPSE_SHARE * max(result["total_pixels"], 1)
     return {
-        "test_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),
+        "test_loss": _mean(loss_sum),
         "mean_dice": result["mean_dice"], "mean_iou": result["mean_iou"],
         "pixel_accuracy": result["pixel_accuracy"],
         **{f"dice_{name}": value for name, value in result["dice"].items()},
@@ -213,6 +210,20 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     if metrics["collapsed"]:
         line += f"  COLLAPSED: the test predictions are all {metrics['collapsed']}"
     return line
+
+
+def _tensors(batch: dict, cfg: TrainConfig, device, use_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard batch as model inputs and int64 class-id targets on ``device``."""
+    return to_inputs(batch["image"].to(device), cfg, use_gpu), batch["mask"].to(device).long()
+
+
+def _weighted(loss: torch.Tensor, count: int, device) -> torch.Tensor:
+    """(loss * count, count): summed over batches and workers, it gives the per-image mean."""
+    return torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=device)])
+
+
+def _mean(sums: torch.Tensor) -> float:
+    return (sums[0] / sums[1].clamp(min=1)).item()
 
 
 def _all_reduce(tensor: torch.Tensor) -> None:
