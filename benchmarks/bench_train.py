@@ -27,14 +27,15 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
     from raypets.config import TrainConfig
     from raypets.data.shards import load_split
     from raypets.losses import make_loss
-    from raypets.train import build_model, learning_rate, make_optimizer, to_inputs
+    from raypets.model import build_network, to_inputs
+    from raypets.train import learning_rate, make_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(data=shards, run_dir=shards, batch_size=batch)
     data = load_split(shards, "train")
     images, masks = torch.from_numpy(data["image"]), torch.from_numpy(data["mask"])
-    model = build_model(cfg, 3)
+    model = build_network(3, cfg.network, cfg.bn_momentum)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = make_loss(cfg.loss)
     step, rates = 0, []
@@ -44,7 +45,7 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
         order = torch.randperm(len(images))
         for first in range(0, len(order), batch):
             index = order[first: first + batch]
-            x, y = to_inputs(images[index], cfg, channels_last=False), masks[index].long()
+            x, y = to_inputs(images[index], cfg.normalize_mean, cfg.normalize_std), masks[index].long()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, epoch)
             loss = loss_fn(model(x), y)

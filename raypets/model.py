@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from itertools import pairwise
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,12 @@ __all__ = [
     "KerasJsonError",
     "UpBlock",
     "XceptionUNet",
+    "build_network",
     "check_image_size",
     "count_bn_statistics",
     "count_parameters",
     "from_keras_json",
+    "to_inputs",
 ]
 
 DOWN_CHANNELS = (64, 128, 256)
@@ -117,6 +120,20 @@ class XceptionUNet(nn.Module):
         for block in (self.down1, self.down2, self.down3, self.up1, self.up2, self.up3, self.up4):
             x = block(x)
         return self.head(x)
+
+
+def build_network(num_classes: int, network: Path | None = None, bn_momentum: float = 0.01) -> nn.Module:
+    """The built-in XceptionUNet, or the Keras-JSON network file ``network``, with ``bn_momentum``."""
+    if network is None:
+        return XceptionUNet(num_classes=num_classes, bn_momentum=bn_momentum)
+    return from_keras_json(network, bn_momentum=bn_momentum)
+
+
+def to_inputs(images: torch.Tensor, mean: float, std: float, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) as rmldnn's normalize gives it: (x/255 - mean) / std."""
+    x = images.permute(0, 3, 1, 2).float()
+    x = (x / 255.0 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 def check_image_size(height: int, width: int) -> None:

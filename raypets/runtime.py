@@ -32,3 +32,22 @@ def set_progress_bars(enabled: bool) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = enabled
+
+
+def cpu_share(workers: int) -> float:
+    """CPU slots for each of ``workers`` long-lived workers (Train workers, model actors): one each when the
+    cluster has room, else a share that leaves one CPU free for Ray Data's read and decode tasks.
+
+    Without that free slot the data tasks wait forever behind the workers (``--workers 2`` on a 2-core laptop).
+    """
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return min(1.0, max(0.1, (cpus - 1) / workers))
+
+
+def use_gpus(device: str, workers: int, what: str = "worker") -> bool:
+    """Whether ``workers`` workers run on one GPU each: ``device`` "gpu" demands it (one clear error when the
+    cluster has too few), "cpu" refuses it, "auto" takes it when the cluster has a GPU per worker."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "gpu" and gpus < workers:
+        raise UserError(f"--gpu asks for {workers} GPU {what}(s), the cluster has {gpus:g} GPU(s)")
+    return device == "gpu" or (device == "auto" and gpus >= workers)

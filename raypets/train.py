@@ -20,31 +20,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raypets.checkpoints import RAY_RUN_NAME, STATE_FILE
 from raypets.config import PrepareConfig, TrainConfig
 from raypets.data.prepare import format_summary, prepare
 from raypets.data.shards import open_split, read_manifest
 from raypets.errors import UserError
-from raypets.keras_json import from_keras_json
 from raypets.losses import make_loss
 from raypets.metrics import ConfusionMatrix
-from raypets.model import XceptionUNet, check_image_size, count_parameters
+from raypets.model import build_network, check_image_size, count_parameters, to_inputs
 from raypets.report import plot_curves
 from raypets.runlog import RunLog, read_metrics
-from raypets.runtime import init_ray
+from raypets.runtime import cpu_share, init_ray, use_gpus
 
-RAY_RUN_NAME = "ray_train"  # RunConfig name: Ray's checkpoints live in RUN/ray_train/
-STATE_FILE = "train_state.pt"
 COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels counts as a collapse
 
 
 # --- the model, optimizer and learning rate: plain PyTorch -------------------------------------------------
-
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The built-in XceptionUNet, or the Keras-JSON network ``cfg.network``, with ``cfg.bn_momentum``."""
-    if cfg.network is None:
-        return XceptionUNet(num_classes=num_classes, bn_momentum=cfg.bn_momentum)
-    return from_keras_json(cfg.network, bn_momentum=cfg.bn_momentum)
-
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """torch's defaults for each optimizer (RMSprop alpha 0.99, eps 1e-8: what rmldnn's log shows)."""
@@ -69,13 +60,6 @@ def learning_rate(cfg: TrainConfig, step: int, epoch: int) -> float:
     return lr
 
 
-def to_inputs(images: torch.Tensor, cfg: TrainConfig, channels_last: bool) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) as rmldnn's normalize gives it: (x/255 - mean) / std."""
-    x = images.permute(0, 3, 1, 2).float()
-    x = (x / 255.0 - cfg.normalize_mean) / cfg.normalize_std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
 def random_flips(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
     """rmldnn's random_horizontal_flip / random_vertical_flip, per sample, on images and masks alike."""
     for prob, dim in ((cfg.hflip, -1), (cfg.vflip, -2)):
@@ -98,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg, len(classes))
+    model = build_network(len(classes), cfg.network, cfg.bn_momentum)
     state = _restore(ray.train.get_checkpoint())
     if state:
         model.load_state_dict(state["model"])
@@ -214,7 +198,8 @@ def epoch_line(metrics: dict, epochs: int) -> str:
 
 def _tensors(batch: dict, cfg: TrainConfig, device, use_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A shard batch as model inputs and int64 class-id targets on ``device``."""
-    return to_inputs(batch["image"].to(device), cfg, use_gpu), batch["mask"].to(device).long()
+    x = to_inputs(batch["image"].to(device), cfg.normalize_mean, cfg.normalize_std, use_gpu)
+    return x, batch["mask"].to(device).long()
 
 
 def _weighted(loss: torch.Tensor, count: int, device) -> torch.Tensor:
@@ -285,7 +270,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         raise UserError(f"{cfg.run_dir}: no training run to resume")
 
     init_ray(address)
-    use_gpu = _use_gpu(cfg)
+    use_gpu = use_gpus(cfg.device, cfg.workers)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
@@ -322,7 +307,7 @@ def ensure_shards(src: Path, shards: Path, size: tuple[int, int], *, address: st
 
 def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     """rmldnn-like run header: model and parameters, optimizer, loss, data per worker, batch per worker."""
-    model = build_model(cfg, len(manifest["classes"]))
+    model = build_network(len(manifest["classes"]), cfg.network, cfg.bn_momentum)
     counts = manifest["counts"]
     size = manifest["image_size"]
     name = "XceptionUNet" if cfg.network is None else f"{cfg.network.name} (Keras JSON)"
@@ -346,20 +331,6 @@ def _load_datasets(cfg: TrainConfig) -> dict:
     return {split: open_split(cfg.data, split, columns=["image", "mask"]).materialize() for split in ("train", "test")}
 
 
-def _use_gpu(cfg: TrainConfig) -> bool:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "gpu" and gpus < cfg.workers:
-        raise UserError(f"--gpu asks for {cfg.workers} GPU worker(s), the cluster has {gpus:g} GPU(s)")
-    return cfg.device == "gpu" or (cfg.device == "auto" and gpus >= cfg.workers)
-
-
 def _worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
-    """One CPU per worker when the cluster has room, else a share that leaves one CPU to Ray Data.
-
-    Ray Data's read tasks need a free CPU slot while the workers hold theirs; without one, training waits
-    forever (``--workers 2`` on a 2-core laptop).
-    """
-    if use_gpu:
-        return {"CPU": 1, "GPU": 1}
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return {"CPU": min(1.0, max(0.1, (cpus - 1) / cfg.workers))}
+    """One GPU and CPU per GPU worker; CPU workers get ``cpu_share`` (a free slot stays for Ray Data)."""
+    return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": cpu_share(cfg.workers)}

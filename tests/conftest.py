@@ -46,3 +46,20 @@ def random_pair(rng: np.random.Generator, width: int = 48, height: int = 40, val
     mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = values[0]
     mask[height // 4, width // 4: 3 * width // 4] = values[2]
     return image, mask
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, ray_local) -> dict:
+    """A real, short training run on tiny synthetic shards, shared by the tests of the stages after training:
+    ``shards``, ``run`` (its run folder), ``final`` (the last epoch's metrics as ``train`` returned them)."""
+    from raypets.config import PrepareConfig, TrainConfig
+    from raypets.data.prepare import prepare
+    from raypets.data.synth import synthesize
+    from raypets.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    synthesize(root / "raw", n=48, size=(96, 80), seed=11)
+    prepare(PrepareConfig(root / "raw", root / "shards", size=(32, 32), test_fraction=0.25))
+    final = train(TrainConfig(data=root / "shards", run_dir=root / "run", epochs=2, checkpoint_every=1, workers=1,
+                              batch_size=8, test_batch_size=8, warmup_steps=5, seed=0))
+    return {"shards": root / "shards", "run": root / "run", "raw": root / "raw", "final": final}

@@ -17,9 +17,9 @@ from raypets.config import TrainConfig
 from raypets.data.shards import load_split
 from raypets.errors import UserError
 from raypets.metrics import ConfusionMatrix
-from raypets.model import XceptionUNet
+from raypets.model import XceptionUNet, to_inputs
 from raypets.runlog import read_metrics
-from raypets.train import learning_rate, to_inputs, train
+from raypets.train import learning_rate, train
 
 FAST = {"workers": 2, "batch_size": 8, "test_batch_size": 8, "warmup_steps": 10, "seed": 0}
 
@@ -45,7 +45,7 @@ def evaluate_plainly(weights: Path, shards: Path) -> dict:
     matrix = ConfusionMatrix()
     cfg = TrainConfig(data=shards, run_dir=shards)
     with torch.no_grad():
-        logits = model(to_inputs(torch.from_numpy(test["image"]), cfg, channels_last=False))
+        logits = model(to_inputs(torch.from_numpy(test["image"]), cfg.normalize_mean, cfg.normalize_std))
     matrix.update(logits, torch.from_numpy(test["mask"]).long())
     return matrix.compute()
 

@@ -1,0 +1,146 @@
+"""Find and load a trained model from whatever a user points at. No Ray here.
+
+``CKPT`` may be:
+
+- a plain state_dict file ``model_checkpoint_<epoch>.pt`` (rmldnn's format, what ``RUN/checkpoints/`` holds);
+- a Ray Train checkpoint folder (``model_checkpoint_<epoch>.pt`` beside ``train_state.pt``);
+- a training run folder: its checkpoint with the best test mean Dice (``metrics.jsonl``), else its last one;
+- a sweep's ``best.json`` (its ``checkpoint`` key names a Ray checkpoint folder).
+
+A Ray checkpoint carries the training settings (network file, normalisation); a plain file does not, so the caller
+passes them (e.g. from an rmldnn inference config) or the defaults of ``raypets train`` apply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raypets.errors import UserError
+from raypets.model import build_network
+
+STATE_FILE = "train_state.pt"  # beside the weights in a Ray checkpoint folder: optimizer, epoch, RNG, config
+RAY_RUN_NAME = "ray_train"  # RunConfig name: Ray's checkpoints of a run live in RUN/ray_train/
+_WEIGHTS = re.compile(r"model_checkpoint_(\d+)\.pt$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A weights file and what is known of the run that wrote it."""
+
+    weights: Path
+    epoch: int | None = None
+    train_config: dict | None = None  # TrainConfig.to_dict() of the run, when the checkpoint carries it
+
+    @property
+    def normalize(self) -> tuple[float, float]:
+        """(mean, std) of the inputs the model was trained on; raypets' defaults (0-255 inputs) when unknown."""
+        cfg = self.train_config or {}
+        return float(cfg.get("normalize_mean", 0.0)), float(cfg.get("normalize_std", 1 / 255))
+
+    @property
+    def network(self) -> Path | None:
+        """The Keras-JSON network file of the run; None for the built-in XceptionUNet."""
+        path = (self.train_config or {}).get("network")
+        return Path(path) if path else None
+
+
+def resolve_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint ``path`` names, in any of the forms of this module's docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint does not exist")
+    if path.is_file() and path.suffix == ".json":
+        return _from_sweep(path)
+    if path.is_file():
+        match = _WEIGHTS.search(path.name)
+        return Checkpoint(path, int(match.group(1)) if match else None)
+    if (path / STATE_FILE).is_file():
+        return _from_ray_folder(path)
+    if (path / RAY_RUN_NAME).is_dir() or (path / "metrics.jsonl").is_file():
+        return _from_run(path)
+    raise UserError(f"{path}: not a checkpoint (a model_checkpoint_<epoch>.pt, a Ray checkpoint folder with "
+                    f"{STATE_FILE}, a training run folder or a sweep's best.json)")
+
+
+def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Module:
+    """The network of ``checkpoint`` with its weights, in eval mode, on the CPU.
+
+    ``network`` (a Keras-JSON file) overrides the one the checkpoint names. The number of classes of the built-in
+    network is read from the weights. Weights that do not fit the network are one clear error.
+    """
+    state = _load(checkpoint.weights)
+    network = network or checkpoint.network
+    model = build_network(_num_classes(state, checkpoint.weights), network)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        what = f"the network of {network}" if network else "the built-in XceptionUNet"
+        raise UserError(f"{checkpoint.weights}: the weights do not fit {what}: {_mismatch(err)}") from None
+    return model.eval()
+
+
+def _from_sweep(path: Path) -> Checkpoint:
+    try:
+        best = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(best, dict) or "checkpoint" not in best:
+        raise UserError(f"{path}: not a sweep's best.json (no 'checkpoint' key)")
+    if best["checkpoint"] is None:
+        raise UserError(f"{path}: the best trial wrote no checkpoint")
+    return resolve_checkpoint(best["checkpoint"])
+
+
+def _from_ray_folder(folder: Path) -> Checkpoint:
+    state = _load(folder / STATE_FILE)
+    return Checkpoint(folder / state["weights"], state.get("epoch"), state.get("config"))
+
+
+def _from_run(run: Path) -> Checkpoint:
+    """The run's Ray checkpoint with the best test mean Dice; the last one when no metrics name a better one."""
+    folders = {}
+    for state_file in (run / RAY_RUN_NAME).glob(f"checkpoint_*/{STATE_FILE}"):
+        checkpoint = _from_ray_folder(state_file.parent)
+        folders[checkpoint.epoch] = checkpoint
+    if not folders:
+        raise UserError(f"{run}: the training run holds no checkpoint yet")
+    dice = {}
+    metrics = run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        if line.strip():
+            record = json.loads(line)
+            if record.get("mean_dice") is not None:
+                dice[record["epoch"]] = record["mean_dice"]
+    best = max(folders, key=lambda epoch: (dice.get(epoch, float("-inf")), epoch))
+    return folders[best]
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint file does not exist") from None
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a file that is not its own
+        raise UserError(f"{path}: not a PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _num_classes(state: dict, path: Path) -> int:
+    """Output channels of the last convolution in the weights (the head comes last in both networks)."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
+    kernels = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 4]
+    if not kernels:
+        raise UserError(f"{path}: holds no convolution weights; not a segmentation model checkpoint")
+    return int(kernels[-1].shape[0])
+
+
+def _mismatch(err: RuntimeError) -> str:
+    """The first lines of torch's load_state_dict complaint, which name the keys and shapes."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")

@@ -1,0 +1,108 @@
+"""``raypets evaluate``: a checkpoint's metrics over a prepared split, with Ray Data and the training accumulator.
+
+Model actors score batches of the split into confusion matrices; the driver sums them into one
+:class:`~raypets.metrics.ConfusionMatrix`, so the numbers are those the training run reports for its test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from raypets.checkpoints import Checkpoint, load_model, resolve_checkpoint
+from raypets.data.shards import open_split, read_manifest
+from raypets.errors import UserError
+from raypets.metrics import ConfusionMatrix
+from raypets.model import check_image_size, to_inputs
+from raypets.runtime import cpu_share, init_ray, use_gpus
+
+
+class _Scorer:
+    """A model actor: a batch of the split in, its confusion matrix (flattened, one row) out."""
+
+    def __init__(self, checkpoint: Checkpoint, network: Path | None, classes: list[str], use_gpu: bool,
+                 threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load_model(checkpoint, network=network).to(self.device)
+        self.mean, self.std = checkpoint.normalize
+        self.classes = classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gpu = self.device.type == "cuda"
+        images = torch.from_numpy(batch["image"]).to(self.device)
+        matrix = ConfusionMatrix(len(self.classes), self.classes, device=self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=gpu):
+            logits = self.model(to_inputs(images, self.mean, self.std, channels_last=gpu))
+        if logits.shape[1] != len(self.classes):
+            raise UserError(f"the checkpoint predicts {logits.shape[1]} classes, the data has {len(self.classes)}")
+        matrix.update(logits, torch.from_numpy(batch["mask"]).to(self.device).long())
+        return {"matrix": matrix.matrix.cpu().numpy().reshape(1, -1)}
+
+
+def evaluate(checkpoint: str | Path, data: Path, split: str = "test", *, batch_size: int = 32, workers: int = 1,
+             device: str = "auto", network: Path | None = None, address: str | None = None) -> dict:
+    """Metrics of ``checkpoint`` on ``split`` of the prepared ``data``: the keys of ``ConfusionMatrix.compute``
+    plus ``checkpoint``, ``data``, ``split`` and ``images``."""
+    if batch_size < 1 or workers < 1:
+        raise UserError("--batch-size and --workers must be at least 1")
+    resolved = resolve_checkpoint(checkpoint)
+    manifest = read_manifest(data)
+    size = manifest["image_size"]
+    try:
+        check_image_size(size["height"], size["width"])
+    except ValueError as err:
+        raise UserError(f"{data}: {err}") from None
+    load_model(resolved, network=network)  # a checkpoint that does not fit fails here, before any Ray work
+    classes = list(manifest["classes"])
+    dataset = open_split(data, split, columns=["image", "mask"])
+
+    init_ray(address)
+    use_gpu = use_gpus(device, workers, "actor")
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    matrices = dataset.map_batches(
+        _Scorer, fn_constructor_args=(resolved, network, classes, use_gpu, threads), batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
+        num_cpus=1 if use_gpu else cpu_share(workers),
+    )
+    total = ConfusionMatrix(len(classes), classes)
+    for batch in matrices.iter_batches(batch_size=None, batch_format="numpy"):
+        total.matrix += torch.from_numpy(batch["matrix"].sum(0).reshape(len(classes), len(classes)))
+    result = total.compute()
+    return {"checkpoint": str(resolved.weights), "data": str(data), "split": split,
+            "images": result["total_pixels"] // (size["height"] * size["width"]), **result}
+
+
+def format_table(result: dict) -> str:
+    """A per-class table of Dice, IoU and pixel counts, then the means, as a person reads it."""
+    lines = [f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['images']} images)",
+             f"{'class':<12}{'Dice':>8}{'IoU':>8}{'true px':>12}{'pred px':>12}"]
+    for name in result["dice"]:
+        lines.append(f"{name:<12}{_num(result['dice'][name]):>8}{_num(result['iou'][name]):>8}"
+                     f"{result['true_pixels'][name]:>12}{result['pred_pixels'][name]:>12}")
+    lines.append(f"{'mean':<12}{_num(result['mean_dice']):>8}{_num(result['mean_iou']):>8}")
+    lines.append(f"pixel accuracy {_num(result['pixel_accuracy'])}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path, overwrite: bool = False) -> None:
+    """The result as JSON (NaN as null); an existing file is replaced only when asked."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: exists; pass --overwrite to replace it or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_nan_to_none(result), indent=2) + "\n")
+
+
+def _num(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value

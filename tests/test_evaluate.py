@@ -1,0 +1,47 @@
+"""``raypets evaluate`` on real Ray: the numbers training reported for a checkpoint, from any form of CKPT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raypets.cli import main
+from raypets.evaluate import evaluate
+
+
+def test_evaluate_gives_the_training_runs_final_test_metrics(trained_run, tmp_path, capsys):
+    final = trained_run["final"]
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", final["checkpoint"], "--data", str(trained_run["shards"]),
+                 "--out", str(out), "--batch-size", "5", "--workers", "2"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("mean_dice", "mean_iou", "pixel_accuracy"):
+        assert result[key] == pytest.approx(final[key], abs=1e-4), key
+    for name, value in result["dice"].items():
+        assert value == pytest.approx(final[f"dice_{name}"], abs=1e-4), name
+    assert result["images"] == json.loads((trained_run["shards"] / "manifest.json").read_text())["counts"]["test"]
+    table = capsys.readouterr().out
+    assert "pet" in table and "border" in table and f"{final['mean_dice']:.4f}" in table
+
+
+def test_a_run_folder_and_its_plain_checkpoint_evaluate_alike(trained_run):
+    run, shards = trained_run["run"], trained_run["shards"]
+    best_epoch = max((m["mean_dice"], m["epoch"]) for m in map(json.loads, (run / "metrics.jsonl").open()))[1]
+    from_run = evaluate(run, shards)
+    plain = evaluate(run / "checkpoints" / f"model_checkpoint_{best_epoch}.pt", shards)
+    assert from_run["checkpoint"].endswith(f"model_checkpoint_{best_epoch}.pt")
+    assert from_run["mean_dice"] == plain["mean_dice"] and from_run["pixel_accuracy"] == plain["pixel_accuracy"]
+
+
+def test_evaluate_mistakes_are_one_clear_message(trained_run, tmp_path, capsys):
+    shards = str(trained_run["shards"])
+    checkpoint = trained_run["final"]["model_checkpoint"]
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", shards]) == 2
+    assert "nope.pt: checkpoint does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", shards, "--split", "valid"]) == 2
+    assert "no split 'valid'" in capsys.readouterr().err
+    out = tmp_path / "taken.json"
+    out.write_text("{}")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", shards, "--out", str(out)]) == 2
+    assert "taken.json: exists" in capsys.readouterr().err and out.read_text() == "{}"
