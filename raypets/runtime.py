@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
 from raypets.errors import UserError
+
+CONNECT_TIMEOUT_S = 5
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -19,12 +22,25 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, TimeoutError, RuntimeError) as err:
             raise UserError(f"cannot connect to a Ray cluster at {address}: {err}") from None
         return
     ray.init(num_cpus=num_cpus)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast when nothing listens at ``host:port`` (``ray.init`` would wait minutes for a missing GCS)."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        raise UserError(f"no Ray cluster answers at {address} ({err}); start one with `ray start --head` or `ray up "
+                        "cluster.yaml`, or leave out --address (and RAY_ADDRESS) to run on local Ray") from None
 
 
 def set_progress_bars(enabled: bool) -> None:

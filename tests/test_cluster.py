@@ -1,0 +1,140 @@
+"""Running on a real Ray cluster: cluster.yaml passes the launcher's own checks, and the pipelines run as Ray jobs
+submitted with ``ray job submit --working-dir .`` to a head node started on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypets.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FOUR_GPU_TYPES = {"g5.12xlarge", "g6.12xlarge", "g6e.12xlarge", "p3.8xlarge"}
+JOB_TIMEOUT_S = 300
+
+
+def _launcher_config(config: dict) -> dict:
+    """What ``ray up`` checks before it talks to the cloud: defaults filled in, then the JSON schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_the_launchers_schema_and_has_4_gpu_workers():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    prepared = _launcher_config(config)
+    head = prepared["head_node_type"]
+    workers = {name: spec for name, spec in prepared["available_node_types"].items() if name != head}
+    assert workers and all(spec["node_config"]["InstanceType"] in FOUR_GPU_TYPES for spec in workers.values())
+    assert prepared["available_node_types"][head]["resources"] == {"CPU": 0}  # drivers only on the head
+    assert prepared["file_mounts"] == {"/home/ubuntu/raypets": "."}
+    assert any("-e /home/ubuntu/raypets" in command for command in prepared["setup_commands"])
+    assert "ray stop" in prepared["head_start_ray_commands"][0]
+
+
+def test_the_schema_check_catches_a_broken_cluster_yaml():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_4x"]["max_worker"] = 4  # a typo of max_workers
+    with pytest.raises(Exception, match="max_worker"):
+        _launcher_config(config)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A real Ray head on loopback with its own temp dir, HOME and ports; only its own processes are stopped."""
+    temp = Path(tempfile.mkdtemp(prefix="rph-", dir="/tmp"))
+    (temp / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(temp / "home"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    gcs, dashboard, client, agent, agent_grpc, metrics = _free_ports(6)
+    subprocess.run(
+        ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp / 'ray'}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120)
+    yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "temp": temp}
+    _stop_processes_under(temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_processes_under(temp: Path) -> None:
+    """``ray stop`` would stop every Ray on the machine (the test session's too): kill only this head's."""
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if pid.isdigit() and str(temp).encode() in cmdline and int(pid) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _submit(head: dict, *args: str) -> tuple[str, str]:
+    """``ray job submit --working-dir .`` from the repository; waits for the end; (final status, job logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    job_id = f"raypets-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ray", "job", "submit", "--address", head["address"], "--working-dir", ".", "--submission-id",
+                    job_id, "--no-wait", "--", "python", *args], cwd=REPO, env=head["env"], check=True,
+                   capture_output=True, timeout=120)
+    client = JobSubmissionClient(head["address"])
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                JobStatus.STOPPED):
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {JOB_TIMEOUT_S} s"
+        time.sleep(1)  # polling the job's state, not waiting for a guessed duration
+    logs = subprocess.run(["ray", "job", "logs", "--address", head["address"], job_id], env=head["env"],
+                          capture_output=True, text=True, timeout=60).stdout
+    return str(status), logs
+
+
+def test_prepare_then_train_run_as_ray_jobs(head, tmp_path):
+    raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
+    assert main(["synth", str(raw), "--n", "16", "--size", "64x48"]) == 0
+    status, logs = _submit(head, "pipelines/prepare.py", str(raw), str(shards), "--size", "32", "--no-progress")
+    assert status == "SUCCEEDED", logs
+    assert (shards / "manifest.json").is_file() and "train" in logs
+    status, logs = _submit(head, "pipelines/train.py", "--data", str(shards), "--run-dir", str(run), "--epochs", "1",
+                           "--workers", "1", "--batch-size", "4", "--test-batch-size", "4", "--warmup-steps", "2",
+                           "--no-progress")
+    assert status == "SUCCEEDED", logs
+    assert "epoch 1/1" in logs and (run / "checkpoints" / "model_checkpoint_1.pt").is_file()
+
+
+def test_a_job_with_a_missing_data_folder_fails_with_that_message(head, tmp_path):
+    missing = tmp_path / "no-such-shards"
+    status, logs = _submit(head, "pipelines/train.py", "--data", str(missing), "--run-dir", str(tmp_path / "run"))
+    assert status == "FAILED"
+    assert f"raypets: error: {missing}: prepared data folder does not exist" in logs
+
+
+def test_an_address_where_no_cluster_runs_is_one_clear_message(tmp_path, capsys):
+    (port,) = _free_ports(1)
+    assert main(["synth", str(tmp_path / "raw"), "--n", "2", "--size", "32x32"]) == 0
+    assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"]) == 2
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
