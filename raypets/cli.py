@@ -25,6 +25,12 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
 
 
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="one GPU per worker")
+    device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="CPU workers only")
+
+
 def _synth(args: argparse.Namespace) -> int:
     from raypets.data.synth import synthesize
 
@@ -80,6 +86,85 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from raypets.predict import PredictConfig, format_summary, predict
+    from raypets.runtime import set_progress_bars
+
+    settings = {}
+    if args.config:
+        from raypets.rmldnn import inference_settings
+
+        settings.update(inference_settings(args.config))
+    flags = {key: value for key, value in vars(args).items() if key in _PREDICT_FLAGS and value is not None}
+    settings.update(flags)
+    missing = [name for name in ("checkpoint", "input", "output") if settings.get(name) is None]
+    if missing:
+        raise UserError(f"raypets predict needs {', '.join(m.upper() for m in missing)} (--checkpoint CKPT INPUT "
+                        "OUTPUT), or a --config file naming them")
+    cfg = PredictConfig(**settings)
+    set_progress_bars(not args.no_progress)
+    summary = predict(cfg, address=args.address)
+    print(format_summary(summary))
+    return 1 if summary["skipped"] else 0
+
+
+_PREDICT_FLAGS = {"checkpoint", "input", "output", "batch_size", "workers", "device", "precision", "size", "masks",
+                  "overlays", "overwrite"}
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from raypets.evaluate import evaluate, format_table, write_json
+    from raypets.runtime import set_progress_bars
+
+    out = args.out or Path(f"evaluate_{args.split}.json")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: exists; pass --overwrite to replace it or choose another --out")
+    set_progress_bars(not args.no_progress)
+    result = evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
+                      device=args.device or "auto", address=args.address)
+    print(format_table(result))
+    write_json(result, out, overwrite=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from raypets.report import show_predictions
+
+    print(f"wrote {show_predictions(args.output, args.out, images=args.images, truth=args.truth, rows=args.rows)}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from raypets.sweep_config import load_sweep
+    from raypets.tune import saved_sweep, tune
+
+    if args.space is not None and args.data is not None:
+        sweep = load_sweep(args.space, args.data, samples=args.samples, workers=args.workers_per_trial,
+                           gpus_per_worker=args.gpus_per_worker)
+    elif args.resume and args.space is None and args.data is None:
+        sweep = saved_sweep(args.run_dir)
+    else:
+        raise UserError("raypets tune needs --data SHARDS and --space FILE (--resume alone continues the sweep "
+                        "in --run-dir)")
+    summary = tune(sweep, args.run_dir, resume=args.resume, address=args.address, max_concurrent=args.max_concurrent,
+                   progress=not args.no_progress)
+    print(summary["table"])
+    best = summary["best"]
+    if best:
+        print(f"best: trial {best['trial_id']} {best['params']}, {best['metric']} {best['value']:.4f} at epoch "
+              f"{best['epoch']}; checkpoint {best['checkpoint']}")
+    print(f"wrote {args.run_dir / 'trials.csv'}" + (f", {args.run_dir / 'best.json'}" if best else ""))
+    problems = [f"trial {trial} failed: {message}" for trial, message in summary["errors"]]
+    if summary["unfinished"]:
+        problems.append(f"the sweep was interrupted with {len(summary['unfinished'])} trial(s) unfinished")
+    if problems:
+        print("raypets: error: " + "; ".join(problems) + f"; `raypets tune --run-dir {args.run_dir} --resume` "
+              "continues the sweep and retries failed trials", file=sys.stderr)
+        return 1
+    return 0
+
+
 _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "epochs", "batch_size", "test_batch_size", "lr", "optimizer",
                 "loss", "warmup_steps", "bn_momentum", "hflip", "vflip", "network", "checkpoint_every", "keep",
                 "max_failures", "resume", "seed", "name"}
@@ -92,9 +177,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="prepared shards (raypets prepare OUT)")
     parser.add_argument("--run-dir", type=Path, help="folder for checkpoints, logs and plots")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
-    device = parser.add_mutually_exclusive_group()
-    device.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="one GPU per worker")
-    device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="CPU workers only")
+    _add_device_args(parser)
     parser.add_argument("--epochs", type=int, help="default 30")
     parser.add_argument("--batch-size", type=int, help="global batch, split over workers (default 64)")
     parser.add_argument("--test-batch-size", type=int, help="global test batch (default 128)")
@@ -148,6 +231,60 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("train", help="train the U-Net with Ray Train on N workers")
     _add_train_args(fit)
     fit.set_defaults(func=_train)
+
+    infer = commands.add_parser("predict", help="batch inference into HDF5 softmax predictions (Ray Data)")
+    infer.add_argument("input", type=Path, nargs="?", help="folder of images (recursive), one image or a file list")
+    infer.add_argument("output", type=Path, nargs="?", help="folder to create: output_1.h5, predictions.h5, errors.csv")
+    infer.add_argument("--checkpoint", type=Path,
+                       help="model_checkpoint_<epoch>.pt, a Ray checkpoint folder, a run folder or a sweep's best.json")
+    infer.add_argument("--config", type=Path, help="an rmldnn inference config; flags override it")
+    infer.add_argument("--batch-size", type=int, help="images per model call (default 16)")
+    infer.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 2 CPU actors)")
+    _add_device_args(infer)
+    infer.add_argument("--precision", choices=["single", "half"], help="float32 (default) or float16 in the HDF5")
+    infer.add_argument("--size", type=_size, help="network input, N or WIDTHxHEIGHT, multiples of 16 (default 160)")
+    infer.add_argument("--masks", action="store_true", default=None,
+                       help="also write class-id PNG masks at each image's original size (OUTPUT/masks/)")
+    infer.add_argument("--overlays", action="store_true", default=None,
+                       help="also write colour overlays at the original size (OUTPUT/overlays/)")
+    infer.add_argument("--overwrite", action="store_true", default=None,
+                       help="replace the output of an earlier raypets predict")
+    _add_ray_args(infer)
+    infer.set_defaults(func=_predict)
+
+    sweep = commands.add_parser("tune", help="sweep hyperparameters with Ray Tune; each trial a raypets train run")
+    sweep.add_argument("--data", type=Path, help="prepared shards (raypets prepare OUT)")
+    sweep.add_argument("--space", type=Path, help="sweep file (tune_configs/*.yaml)")
+    sweep.add_argument("--run-dir", type=Path, required=True, help="folder for the trials, trials.csv and best.json")
+    sweep.add_argument("--samples", type=int, help="trials to sample (default: the file's samples)")
+    sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
+    sweep.add_argument("--gpus-per-worker", type=float, choices=[0, 1], help="0: CPU workers; 1: one GPU each "
+                       "(default: GPUs when the cluster has them)")
+    sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --run-dir; retry failed trials")
+    _add_ray_args(sweep)
+    sweep.set_defaults(func=_tune)
+
+    score = commands.add_parser("evaluate", help="a checkpoint's per-class metrics over a prepared split (Ray Data)")
+    score.add_argument("--checkpoint", required=True, type=Path,
+                       help="model_checkpoint_<epoch>.pt, a Ray checkpoint folder, a run folder or a sweep's best.json")
+    score.add_argument("--data", required=True, type=Path, help="prepared shards (raypets prepare OUT)")
+    score.add_argument("--split", default="test", help="split to score (default test)")
+    score.add_argument("--out", type=Path, help="metrics JSON to write (default evaluate_<split>.json)")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--workers", type=int, default=1, help="model actors (one GPU each with --gpu)")
+    _add_device_args(score)
+    _add_ray_args(score)
+    score.set_defaults(func=_evaluate)
+
+    grid = commands.add_parser("show", help="the tutorial's figure: input | prediction | ground truth per row")
+    grid.add_argument("output", type=Path, help="a folder written by raypets predict")
+    grid.add_argument("--images", type=Path, help="the predicted images' folder (raypets predict INPUT)")
+    grid.add_argument("--truth", type=Path, help="class-id masks named like the images (e.g. testing/masks)")
+    grid.add_argument("--rows", type=int, default=6, help="samples to show (default 6)")
+    grid.add_argument("--out", type=Path, required=True, help="PNG to write")
+    grid.set_defaults(func=_show)
     return parser
 
 

@@ -153,3 +153,44 @@ def _only(section: dict, known: set[str], path: Path, where: str) -> None:
     if unknown:
         prefix = f"{where}." if where else ""
         raise UserError(f"{path}: unsupported key {prefix}{unknown[0]} (raypets reads: {', '.join(sorted(known))})")
+
+
+def inference_settings(path: Path) -> dict:
+    """``raypets predict`` settings from an rmldnn inference config: ``checkpoint``, ``input``, ``output``,
+    ``batch_size``, ``size`` (height, width), ``normalize`` (mean, std), ``network`` and ``precision``, each only
+    when the file gives it."""
+    net = load(path)
+    base = path.resolve().parent
+    _only(net, {"layers", "checkpoints", "data"}, path, "neural_network")
+    settings: dict = {}
+    if "layers" in net:
+        settings["network"] = network_path(base / net["layers"])
+    checkpoints = net.get("checkpoints", {})
+    _only(checkpoints, {"load"}, path, "neural_network.checkpoints")
+    if "load" in checkpoints:
+        settings["checkpoint"] = base / checkpoints["load"]
+    data = net.get("data", {})
+    _only(data, {"type", "test_input_path", "test_output_path", "test_batch_size", "transforms", "hdf5_precision"},
+          path, "neural_network.data")
+    if data.get("type", "images") != "images":
+        raise UserError(f"{path}: neural_network.data.type {data['type']!r} is not supported (only \"images\")")
+    for key, name in (("test_input_path", "input"), ("test_output_path", "output")):
+        if key in data:
+            settings[name] = base / data[key]
+    if "test_batch_size" in data:
+        settings["batch_size"] = int(data["test_batch_size"])
+    if "hdf5_precision" in data:
+        if data["hdf5_precision"] not in ("single", "half"):
+            raise UserError(f"{path}: neural_network.data.hdf5_precision must be \"single\" or \"half\", "
+                            f"got {data['hdf5_precision']!r}")
+        settings["precision"] = data["hdf5_precision"]
+    transforms, size = transform_settings(data.get("transforms", []), path)
+    flips = sorted(name for key, name in (("hflip", "random_horizontal_flip"), ("vflip", "random_vertical_flip"))
+                   if key in transforms)
+    if flips:
+        raise UserError(f"{path}: transform {flips[0]!r} is not supported for inference (resize, normalize)")
+    if "normalize_std" in transforms:
+        settings["normalize"] = (transforms["normalize_mean"], transforms["normalize_std"])
+    if size is not None:
+        settings["size"] = size
+    return settings

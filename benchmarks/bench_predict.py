@@ -1,0 +1,190 @@
+"""``raypets predict`` (Ray Data) against a plain single-process loop doing the same decode + resize + forward +
+h5py write, and the HDF5 bytes written per image against the raw float32 size.
+
+    python benchmarks/bench_predict.py [--n 500] [--size 160] [--batch 16] [--cpus 2] [--workers 1 2] [--write-docs]
+
+Two baselines: the loop as one would write it (contiguous tensors, torch's default threads), and the same loop with
+the channels_last forward that the model actors use, so that the ratio to the latter is what the Ray pipeline itself
+adds. Each baseline runs before and after the Ray runs (the mean is used). Each measurement runs in a fresh Python
+process; Ray's start is timed apart from the pipeline: a cluster user pays it once, a laptop user on every command.
+The weights are random (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from docs_section import machine, write_section
+
+SECTION = "## Predict: Ray Data against a plain loop (`benchmarks/bench_predict.py`)"
+
+
+def plain_loop(images: Path, out: Path, checkpoint: Path, size: int, batch: int, channels_last: bool) -> dict:
+    """The baseline: one process, torch's default threads; decode, resize, forward, softmax, h5py write per batch."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from raypets.checkpoints import load_model, resolve_checkpoint
+    from raypets.data.decode import decode_image, resize_image
+    from raypets.model import to_inputs
+
+    start = time.perf_counter()
+    model = load_model(resolve_checkpoint(checkpoint))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    paths = sorted(images.glob("*.jpg"))
+    out.mkdir(parents=True)
+    with h5py.File(out / "output_1.h5", "w") as h5, torch.inference_mode():
+        for first in range(0, len(paths), batch):
+            chunk = paths[first:first + batch]
+            decoded = [decode_image(p.read_bytes(), p.name).pixels for p in chunk]
+            x = torch.from_numpy(np.stack([resize_image(d, (size, size)) for d in decoded]))
+            probs = torch.softmax(model(to_inputs(x, 0.0, 1 / 255, channels_last)), dim=1).numpy()
+            for path, pixels, p in zip(chunk, decoded, probs, strict=True):
+                h5.create_dataset(path.name, data=p).attrs["original_size"] = pixels.shape[:2]
+    return {"seconds": time.perf_counter() - start, "images": len(paths), "threads": torch.get_num_threads(),
+            "bytes": (out / "output_1.h5").stat().st_size}
+
+
+def ray_predict(images: Path, out: Path, checkpoint: Path, size: int, batch: int, cpus: int, workers: int) -> dict:
+    import ray
+
+    from raypets.predict import PredictConfig, predict
+    from raypets.runtime import set_progress_bars
+
+    start = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - start
+    set_progress_bars(False)
+    runs = {}
+    # cold: Ray starts its worker processes; warm: a cluster already running; half: warm, --precision half
+    for attempt, precision in (("cold", "single"), ("warm", "single"), ("half", "half")):
+        cfg = PredictConfig(checkpoint, images, out / attempt, batch_size=batch, workers=workers, device="cpu",
+                            size=(size, size), precision=precision)
+        runs[attempt] = predict(cfg)
+    ray.shutdown()
+    return {"seconds": runs["cold"]["seconds"], "warm_seconds": runs["warm"]["seconds"], "ray_start": ray_start,
+            "images": runs["warm"]["written"], "bytes": (out / "warm" / "output_1.h5").stat().st_size,
+            "half_bytes": (out / "half" / "output_1.h5").stat().st_size}
+
+
+def run_child(kind: str, args: argparse.Namespace, out: Path, workers: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--images", str(args.images), "--out", str(out),
+           "--checkpoint", str(args.checkpoint), "--size", str(args.size), "--batch", str(args.batch),
+           "--cpus", str(args.cpus), "--workers", str(workers)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(kind, workers, result, flush=True)
+    return result
+
+
+def dataset(root: Path, n: int) -> Path:
+    from raypets.data.synth import synthesize
+
+    src = root / f"synth-{n}"
+    if not (src / "images").is_dir():
+        start = time.perf_counter()
+        synthesize(src, n=n, size=(500, 375), seed=0)
+        print(f"synthesized {n} images at 500x375 in {time.perf_counter() - start:.0f} s", flush=True)
+    return src / "images"
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
+    """Both baselines before and after the Ray runs; returns (baselines, ray runs by worker count)."""
+    import torch
+
+    from raypets.model import XceptionUNet
+
+    args.checkpoint = tmp / "model_checkpoint_1.pt"
+    torch.manual_seed(0)
+    torch.save(XceptionUNet().state_dict(), args.checkpoint)
+    plain = {kind: [run_child(kind, args, tmp / f"{kind}-before")] for kind in ("plain", "plain-cl")}
+    rays = {workers: run_child("ray", args, tmp / f"ray-{workers}", workers) for workers in args.workers}
+    for kind in plain:
+        plain[kind].append(run_child(kind, args, tmp / f"{kind}-after"))
+    return plain, rays
+
+
+def report(args: argparse.Namespace, plain: dict, rays: dict) -> str:
+    ips = {kind: runs[0]["images"] * 2 / sum(r["seconds"] for r in runs) for kind, runs in plain.items()}
+    base = ips["plain-cl"]
+    rows = []
+    for kind, label in (("plain", "contiguous tensors, as one writes it"), ("plain-cl", "channels_last forward")):
+        before, after = plain[kind]
+        rows.append(f"| plain loop, {label}, 1 process, {before['threads']} torch threads (before / after: "
+                    f"{before['seconds']:.1f} s / {after['seconds']:.1f} s) | {before['images']} | "
+                    f"{(before['seconds'] + after['seconds']) / 2:.1f} | | {ips[kind]:.1f} | | "
+                    f"{ips[kind] / base:.2f}× |")
+    for workers, result in rays.items():
+        first = result["images"] / result["seconds"]
+        warm = result["images"] / result["warm_seconds"]
+        with_start = result["images"] / (result["seconds"] + result["ray_start"])
+        rows.append(f"| `raypets predict --cpu --workers {workers}` | {result['images']} | {result['seconds']:.1f} | "
+                    f"{first:.1f} | {warm:.1f} | {with_start:.1f} | **{warm / base:.2f}×** warm, "
+                    f"{first / base:.2f}× first run, {with_start / base:.2f}× with `ray.init` |")
+    best = max(rays, key=lambda w: rays[w]["images"] / rays[w]["warm_seconds"])
+    best_ips = rays[best]["images"] / rays[best]["warm_seconds"]
+    raw = 3 * args.size * args.size * 4
+    per_image = rays[best]["bytes"] / rays[best]["images"]
+    half_per_image = rays[best]["half_bytes"] / rays[best]["images"]
+    plain_per_image = plain["plain"][1]["bytes"] / plain["plain"][1]["images"]
+    return f"""{SECTION}
+
+{date.today().isoformat()}, {machine()}; `python benchmarks/bench_predict.py --n {args.n} --size {args.size} \
+--batch {args.batch} --cpus {args.cpus} --workers {' '.join(map(str, args.workers))}`. Synthetic 500×375 JPEGs,
+XceptionUNet at {args.size}×{args.size}, batch {args.batch}, random weights; Ray started with {args.cpus} CPUs.
+Seconds from the call to the summary (listing, checkpoint, actors' start, pipeline, index, rename).
+
+| run | images | seconds (first run) | images/s first run | images/s warm | images/s incl. `ray.init` | \
+ratio to the channels_last plain loop |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+- Best throughput, `--workers {best}` warm / the plain loop with the same channels_last forward: \
+**{best_ips / base:.2f}×** (target ≥ 1.2× on 2 cores); / the plain loop as one writes it: \
+{best_ips / ips['plain']:.2f}×.
+- HDF5 bytes per image: {per_image:,.0f} (float32) and {half_per_image:,.0f} (`--precision half`) against the raw \
+float32 array's {raw:,} bytes (3×{args.size}×{args.size}×4): {per_image / raw:.3f} and {half_per_image / raw:.3f} \
+of it (the plain loop's file: {plain_per_image / raw:.3f}).
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="model actor counts to measure")
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "raypets-bench")
+    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--child", choices=["plain", "plain-cl", "ray"])
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--checkpoint", type=Path)
+    args = parser.parse_args()
+    if args.child == "ray":
+        return print(json.dumps(ray_predict(args.images, args.out, args.checkpoint, args.size, args.batch, args.cpus,
+                                            args.workers[0])))
+    if args.child:
+        return print(json.dumps(plain_loop(args.images, args.out, args.checkpoint, args.size, args.batch,
+                                           channels_last=args.child == "plain-cl")))
+    args.images = dataset(args.root, args.n)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, rays = measure(args, Path(tmp))
+    text = report(args, plain, rays)
+    print(text)
+    if args.write_docs:
+        write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
