@@ -23,6 +23,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from bench_prepare import dataset
 from docs_section import machine, write_section
 
 SECTION = "## Predict: Ray Data against a plain loop (`benchmarks/bench_predict.py`)"
@@ -94,17 +95,6 @@ def run_child(kind: str, args: argparse.Namespace, out: Path, workers: int = 1) 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(kind, workers, result, flush=True)
     return result
-
-
-def dataset(root: Path, n: int) -> Path:
-    from raypets.data.synth import synthesize
-
-    src = root / f"synth-{n}"
-    if not (src / "images").is_dir():
-        start = time.perf_counter()
-        synthesize(src, n=n, size=(500, 375), seed=0)
-        print(f"synthesized {n} images at 500x375 in {time.perf_counter() - start:.0f} s", flush=True)
-    return src / "images"
 
 
 def first_images(images: Path, n: int, folder: Path) -> Path:
@@ -205,7 +195,7 @@ def main() -> None:
     if args.child:
         return print(json.dumps(plain_loop(args.images, args.out, args.checkpoint, args.size, args.batch,
                                            channels_last=args.child == "plain-cl")))
-    args.images = dataset(args.root, args.n)
+    args.images = dataset(args.root, args.n) / "images"
     with tempfile.TemporaryDirectory() as tmp:
         plain, rays = measure(args, Path(tmp))
     text = report(args, plain, rays)

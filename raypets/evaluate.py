@@ -14,7 +14,7 @@ import numpy as np
 import ray
 import torch
 
-from raypets.checkpoints import Checkpoint, load_model, resolve_checkpoint
+from raypets.checkpoints import load_model, resolve_checkpoint
 from raypets.data.shards import open_split, read_manifest
 from raypets.errors import UserError
 from raypets.metrics import ConfusionMatrix
@@ -25,12 +25,12 @@ from raypets.runtime import cpu_share, init_ray, use_gpus
 class _Scorer:
     """A model actor: a batch of the split in, its confusion matrix (flattened, one row) out."""
 
-    def __init__(self, checkpoint: Checkpoint, network: Path | None, classes: list[str], use_gpu: bool,
+    def __init__(self, model: torch.nn.Module, normalize: tuple[float, float], classes: list[str], use_gpu: bool,
                  threads: int) -> None:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_model(checkpoint, network=network).to(self.device)
-        self.mean, self.std = checkpoint.normalize
+        self.model = model.to(self.device)
+        self.mean, self.std = normalize
         self.classes = classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,7 +58,7 @@ def evaluate(checkpoint: str | Path, data: Path, split: str = "test", *, batch_s
         check_image_size(size["height"], size["width"])
     except ValueError as err:
         raise UserError(f"{data}: {err}") from None
-    load_model(resolved, network=network)  # a checkpoint that does not fit fails here, before any Ray work
+    model = load_model(resolved, network=network)  # a checkpoint that does not fit fails here, before any Ray work
     classes = list(manifest["classes"])
     dataset = open_split(data, split, columns=["image", "mask"])
 
@@ -66,7 +66,7 @@ def evaluate(checkpoint: str | Path, data: Path, split: str = "test", *, batch_s
     use_gpu = use_gpus(device, workers, "actor")
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
     matrices = dataset.map_batches(
-        _Scorer, fn_constructor_args=(resolved, network, classes, use_gpu, threads), batch_size=batch_size,
+        _Scorer, fn_constructor_args=(model, resolved.normalize, classes, use_gpu, threads), batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
         num_cpus=1 if use_gpu else cpu_share(workers),
     )

@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker=_worker_resources(cfg, use_gpu)),
+                                               resources_per_worker=worker_resources(cfg, use_gpu)),
         datasets=_load_datasets(cfg),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
@@ -331,6 +331,6 @@ def _load_datasets(cfg: TrainConfig) -> dict:
     return {split: open_split(cfg.data, split, columns=["image", "mask"]).materialize() for split in ("train", "test")}
 
 
-def _worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
+def worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
     """One GPU and CPU per GPU worker; CPU workers get ``cpu_share`` (a free slot stays for Ray Data)."""
     return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": cpu_share(cfg.workers)}

@@ -26,7 +26,7 @@ from raypets.errors import UserError
 from raypets.report import plot_metric_vs_lr
 from raypets.runtime import init_ray, set_progress_bars, use_gpus
 from raypets.sweep_config import Sweep
-from raypets.train import _worker_resources, train
+from raypets.train import train, worker_resources
 
 SWEEP_FILE = "sweep.json"
 EXPERIMENT = "tune"  # Tune's RunConfig name: RUN/tune/
@@ -122,7 +122,7 @@ def default_concurrency(sweep: Sweep) -> int:
     sizes them), and one CPU stays free for Ray Data's tasks. At least one."""
     cfg = sweep.trial_config(Path("RUN"), {})
     use_gpu = use_gpus(cfg.device, cfg.workers)
-    worker = _worker_resources(cfg, use_gpu)
+    worker = worker_resources(cfg, use_gpu)
     total = ray.cluster_resources()
     fits = [(total.get("CPU", 1) - 1) // (1 + cfg.workers * worker["CPU"])]
     if use_gpu:

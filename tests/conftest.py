@@ -29,6 +29,17 @@ def ray_local():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def prepared_shards(root: Path, n: int, size: tuple[int, int], seed: int) -> Path:
+    """``n`` synthetic images of ``size`` (width, height) prepared at 32 px with a quarter held out: ``root/shards``."""
+    from raypets.config import PrepareConfig
+    from raypets.data.prepare import prepare
+    from raypets.data.synth import synthesize
+
+    synthesize(root / "raw", n=n, size=size, seed=seed)
+    prepare(PrepareConfig(root / "raw", root / "shards", size=(32, 32), test_fraction=0.25))
+    return root / "shards"
+
+
 def save_image(path: Path, pixels: np.ndarray, fmt: str | None = None, mode: str | None = None) -> Path:
     """Write ``pixels`` to ``path`` in ``fmt`` (default from the suffix), optionally converted to ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,14 +63,11 @@ def random_pair(rng: np.random.Generator, width: int = 48, height: int = 40, val
 def trained_run(tmp_path_factory, ray_local) -> dict:
     """A real, short training run on tiny synthetic shards, shared by the tests of the stages after training:
     ``shards``, ``run`` (its run folder), ``final`` (the last epoch's metrics as ``train`` returned them)."""
-    from raypets.config import PrepareConfig, TrainConfig
-    from raypets.data.prepare import prepare
-    from raypets.data.synth import synthesize
+    from raypets.config import TrainConfig
     from raypets.train import train
 
     root = tmp_path_factory.mktemp("trained")
-    synthesize(root / "raw", n=48, size=(96, 80), seed=11)
-    prepare(PrepareConfig(root / "raw", root / "shards", size=(32, 32), test_fraction=0.25))
+    prepared_shards(root, n=48, size=(96, 80), seed=11)
     final = train(TrainConfig(data=root / "shards", run_dir=root / "run", epochs=2, checkpoint_every=1, workers=1,
                               batch_size=8, test_batch_size=8, warmup_steps=5, seed=0))
     return {"shards": root / "shards", "run": root / "run", "raw": root / "raw", "final": final}

@@ -11,6 +11,7 @@ import pytest
 import ray.exceptions
 import ray.train
 import torch
+from conftest import prepared_shards
 
 from raypets.cli import main
 from raypets.config import TrainConfig
@@ -26,14 +27,7 @@ FAST = {"workers": 2, "batch_size": 8, "test_batch_size": 8, "warmup_steps": 10,
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local) -> Path:
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import prepare
-    from raypets.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("train")
-    synthesize(root / "raw", n=64, size=(96, 80), seed=5)
-    prepare(PrepareConfig(root / "raw", root / "shards", size=(32, 32), test_fraction=0.25))
-    return root / "shards"
+    return prepared_shards(tmp_path_factory.mktemp("train"), n=64, size=(96, 80), seed=5)
 
 
 def evaluate_plainly(weights: Path, shards: Path) -> dict:

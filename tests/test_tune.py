@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray.tune
 import torch
+from conftest import prepared_shards
 
 from raypets.checkpoints import STATE_FILE, load_model, resolve_checkpoint
 from raypets.cli import main
@@ -31,14 +32,7 @@ FAST = "batch_size: 8, test_batch_size: 8, warmup_steps: 2, seed: 0"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local) -> Path:
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import prepare
-    from raypets.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("tune")
-    synthesize(root / "raw", n=24, size=(64, 48), seed=3)
-    prepare(PrepareConfig(root / "raw", root / "shards", size=(32, 32), test_fraction=0.25))
-    return root / "shards"
+    return prepared_shards(tmp_path_factory.mktemp("tune"), n=24, size=(64, 48), seed=3)
 
 
 def write(path: Path, text: str) -> Path:
