@@ -17,30 +17,25 @@ import torch
 from raypets.checkpoints import load_model, resolve_checkpoint
 from raypets.data.shards import open_split, read_manifest
 from raypets.errors import UserError
+from raypets.inference import ModelRunner
 from raypets.metrics import ConfusionMatrix
-from raypets.model import check_image_size, to_inputs
+from raypets.model import check_image_size
 from raypets.runtime import cpu_share, init_ray, use_gpus
 
 
-class _Scorer:
+class _Scorer(ModelRunner):
     """A model actor: a batch of the split in, its confusion matrix (flattened, one row) out."""
 
     def __init__(self, model: torch.nn.Module, normalize: tuple[float, float], classes: list[str], use_gpu: bool,
                  threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = model.to(self.device)
-        self.mean, self.std = normalize
+        super().__init__(model, normalize, use_gpu, threads)
         self.classes = classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        gpu = self.device.type == "cuda"
-        images = torch.from_numpy(batch["image"]).to(self.device)
-        matrix = ConfusionMatrix(len(self.classes), self.classes, device=self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=gpu):
-            logits = self.model(to_inputs(images, self.mean, self.std, channels_last=gpu))
+        logits = self.logits(batch["image"])
         if logits.shape[1] != len(self.classes):
             raise UserError(f"the checkpoint predicts {logits.shape[1]} classes, the data has {len(self.classes)}")
+        matrix = ConfusionMatrix(len(self.classes), self.classes, device=self.device)
         matrix.update(logits, torch.from_numpy(batch["mask"]).to(self.device).long())
         return {"matrix": matrix.matrix.cpu().numpy().reshape(1, -1)}
 

@@ -32,7 +32,8 @@ from raypets.config import CLASS_NAMES, DEVICES, check_output_folder
 from raypets.data.decode import IMAGE_SUFFIXES, DecodeError, decode_image, resize_image, resize_mask
 from raypets.errors import UserError
 from raypets.hdf5 import INDEX_FILE, OUTPUT_FILE, HDF5Sink
-from raypets.model import check_image_size, to_inputs
+from raypets.inference import ModelRunner
+from raypets.model import check_image_size
 from raypets.runtime import cpu_share, init_ray, use_gpus
 
 PRECISIONS = {"single": "float32", "half": "float16"}
@@ -227,22 +228,17 @@ def _decode_batch(batch: dict[str, np.ndarray], *, size: tuple[int, int]) -> dic
             "reason": np.array(reasons, dtype=object), "detail": np.array(details, dtype=object)}
 
 
-class Predictor:
+class Predictor(ModelRunner):
     """Ray Data actor holding the model: uint8 images -> softmax probabilities (N, C, H, W) in ``dtype``.
 
-    The model runs channels_last (on CPU too: 1.7x faster forward than contiguous here), on a GPU under bf16
-    autocast; the softmax is float32. Rows with a decode ``reason`` are not fed to the model; they get zeros and
-    stay in the batch so the sink can list them.
+    The softmax is float32 before the cast. Rows with a decode ``reason`` are not fed to the model; they get zeros
+    and stay in the batch so the sink can list them.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, normalize: tuple[float, float], use_gpu: bool,
                  workers: int, dtype: str) -> None:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the node's cores shared by the actors
+        super().__init__(model, normalize, use_gpu, threads=max(1, (os.cpu_count() or 1) // workers))
         self.num_classes = num_classes
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.mean, self.std = normalize
-        self.use_gpu = use_gpu
         self.dtype = np.dtype(dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,10 +246,7 @@ class Predictor:
         images = batch.pop("image")
         probs = np.zeros((len(images), self.num_classes, *images.shape[1:3]), self.dtype)
         if ok.any():
-            x = to_inputs(torch.from_numpy(images[ok]).to(self.device), self.mean, self.std, channels_last=True)
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.use_gpu):
-                logits = self.model(x)
-            probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            probs[ok] = torch.softmax(self.logits(images[ok]).float(), dim=1).cpu().numpy()
         return {**batch, "probs": probs}
 
 

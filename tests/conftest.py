@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +16,45 @@ from PIL import Image
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """Real local Ray with 4 logical CPUs (Ray Data and Train each need slots; 2 would hang), quiet output."""
+    """Real local Ray with 4 logical CPUs (Ray Data and Train each need slots; 2 would hang), quiet output.
+
+    With its dashboard, as ``ray.init()`` starts it for a user: Ray Train's PlacementGroupCleaner asks it whether a
+    run's controller died, and without it the workers' CPUs of a killed run stay reserved (ray-project/ray#54305).
+    Its port is a free one, never another Ray's 8265."""
     import ray
     from ray.data import DataContext
 
     os.environ.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rp-", dir="/tmp")  # short: Ray's socket paths have a length limit
     tests = str(Path(__file__).resolve().parent)  # Ray's processes unpickle callbacks defined in test modules
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": tests}})
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_ports(1)[0], _temp_dir=temp_dir,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": tests}})
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on loopback that nothing listens on now."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_for_every_cpu(timeout_s: float = 60) -> None:
+    """Wait until the local cluster has every CPU free again (Ray gives a finished, stopped or killed run's CPUs
+    back a moment later); fail, naming what is still held, after ``timeout_s``."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s} s: {ray.available_resources()}"
+        time.sleep(0.5)
 
 
 def prepared_shards(root: Path, n: int, size: tuple[int, int], seed: int) -> Path:

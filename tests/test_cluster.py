@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_ports
 
 from raypets.cli import main
 
@@ -53,16 +53,6 @@ def test_the_schema_check_catches_a_broken_cluster_yaml():
         _launcher_config(config)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def head():
     """A real Ray head on loopback with its own temp dir, HOME and ports; only its own processes are stopped."""
@@ -70,7 +60,7 @@ def head():
     (temp / "home").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(temp / "home"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    gcs, dashboard, client, agent, agent_grpc, metrics = _free_ports(6)
+    gcs, dashboard, client, agent, agent_grpc, metrics = free_ports(6)
     subprocess.run(
         ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
          f"--temp-dir={temp / 'ray'}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -134,7 +124,7 @@ def test_a_job_with_a_missing_data_folder_fails_with_that_message(head, tmp_path
 
 
 def test_an_address_where_no_cluster_runs_is_one_clear_message(tmp_path, capsys):
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     assert main(["synth", str(tmp_path / "raw"), "--n", "2", "--size", "32x32"]) == 0
     assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"]) == 2
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err

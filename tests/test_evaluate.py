@@ -7,7 +7,6 @@ import json
 import pytest
 
 from raypets.cli import main
-from raypets.evaluate import evaluate
 
 
 def test_evaluate_gives_the_training_runs_final_test_metrics(trained_run, tmp_path, capsys):
@@ -23,15 +22,6 @@ def test_evaluate_gives_the_training_runs_final_test_metrics(trained_run, tmp_pa
     assert result["images"] == json.loads((trained_run["shards"] / "manifest.json").read_text())["counts"]["test"]
     table = capsys.readouterr().out
     assert "pet" in table and "border" in table and f"{final['mean_dice']:.4f}" in table
-
-
-def test_a_run_folder_and_its_plain_checkpoint_evaluate_alike(trained_run):
-    run, shards = trained_run["run"], trained_run["shards"]
-    best_epoch = max((m["mean_dice"], m["epoch"]) for m in map(json.loads, (run / "metrics.jsonl").open()))[1]
-    from_run = evaluate(run, shards)
-    plain = evaluate(run / "checkpoints" / f"model_checkpoint_{best_epoch}.pt", shards)
-    assert from_run["checkpoint"].endswith(f"model_checkpoint_{best_epoch}.pt")
-    assert from_run["mean_dice"] == plain["mean_dice"] and from_run["pixel_accuracy"] == plain["pixel_accuracy"]
 
 
 def test_evaluate_mistakes_are_one_clear_message(trained_run, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import ray.exceptions
 import ray.train
 import torch
-from conftest import prepared_shards
+from conftest import prepared_shards, wait_for_every_cpu
 
 from raypets.cli import main
 from raypets.config import TrainConfig
@@ -112,6 +112,7 @@ def test_resume_after_the_run_is_killed(shards, tmp_path):
         train(cfg, callbacks=[KillAtEpoch(3, "controller")])
     logged = [m["epoch"] for m in read_metrics(run)]
     assert logged[:3] == [1, 2, 3] and logged[-1] < 6  # the workers die an epoch or so later
+    wait_for_every_cpu()  # Ray gives the dead run's CPUs back: the next run does not wait for them forever
     assert main(["train", "--data", str(shards), "--run-dir", str(run), "--epochs", "6", "--checkpoint-every",
                  "2", "--workers", "2", "--batch-size", "8", "--test-batch-size", "8", "--warmup-steps", "10",
                  "--resume", "--no-progress"]) == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray.tune
 import torch
-from conftest import prepared_shards
+from conftest import prepared_shards, wait_for_every_cpu
 
 from raypets.checkpoints import STATE_FILE, load_model, resolve_checkpoint
 from raypets.cli import main
@@ -52,17 +52,10 @@ def checkpoint_epochs(trial_dir: Path) -> list[int]:
 
 
 @pytest.fixture
-def leaked_placement_groups_removed(ray_local):
-    """Ray Train's PlacementGroupCleaner asks the dashboard whether a run's controller died, and the test session
-    runs without one: the worker placement group of a trial that Tune stopped stays (ray-project/ray#54305).
-    Remove those after the test so that the next one has every CPU."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    before = set(placement_group_table())
+def cpus_given_back(ray_local):
+    """After the test, every CPU is free again: the trials Tune stopped, interrupted or saw fail left none held."""
     yield
-    for pg_id, info in placement_group_table().items():
-        if pg_id not in before and info["state"] == "CREATED":
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    wait_for_every_cpu()
 
 
 class InterruptAt(ray.tune.Callback):
@@ -77,7 +70,7 @@ class InterruptAt(ray.tune.Callback):
 
 
 def test_asha_sweep_interrupted_and_resumed_ranks_trials_and_points_to_the_best_checkpoint(
-        shards, tmp_path, capsys, leaked_placement_groups_removed):
+        shards, tmp_path, capsys, cpus_given_back):
     # Deterministic (seed 0, one worker, one trial at a time): 1e-6 barely moves and, alone at its rungs, runs to
     # the end; 0.1 collapses to background and ASHA stops it after epoch 1; 3e-3 learns and is interrupted there.
     space = write(tmp_path / "lr.yaml", f"""
@@ -137,7 +130,7 @@ def plain_mean_dice(model: torch.nn.Module, shards: Path) -> float:
     return matrix.compute()["mean_dice"]
 
 
-def test_a_failed_trial_is_reported_and_retried_on_resume(shards, tmp_path, capsys, leaked_placement_groups_removed):
+def test_a_failed_trial_is_reported_and_retried_on_resume(shards, tmp_path, capsys, cpus_given_back):
     network = write(tmp_path / "net.json", "{not json")  # a broken network file: the trial fails as it starts
     space = write(tmp_path / "one.yaml", f"""
 train: {{epochs: 1, network: {network}, {FAST}}}
