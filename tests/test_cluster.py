@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 from conftest import free_ports
@@ -103,8 +104,8 @@ def _submit(head: dict, *args: str) -> tuple[str, str]:
     return str(status), logs
 
 
-def test_prepare_then_train_run_as_ray_jobs(head, tmp_path):
-    raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
+def test_prepare_train_and_predict_run_as_ray_jobs(head, tmp_path):
+    raw, shards, run, output = tmp_path / "raw", tmp_path / "shards", tmp_path / "run", tmp_path / "predicted"
     assert main(["synth", str(raw), "--n", "16", "--size", "64x48"]) == 0
     status, logs = _submit(head, "pipelines/prepare.py", str(raw), str(shards), "--size", "32", "--no-progress")
     assert status == "SUCCEEDED", logs
@@ -114,6 +115,11 @@ def test_prepare_then_train_run_as_ray_jobs(head, tmp_path):
                            "--no-progress")
     assert status == "SUCCEEDED", logs
     assert "epoch 1/1" in logs and (run / "checkpoints" / "model_checkpoint_1.pt").is_file()
+    status, logs = _submit(head, "pipelines/predict.py", "--checkpoint", str(run), str(raw / "images"), str(output),
+                           "--size", "32", "--cpu", "--workers", "1")
+    assert status == "SUCCEEDED", logs
+    with h5py.File(output / "predictions.h5") as h5:
+        assert len(h5) == 16 and h5["Abyssinian_1.jpg"].shape == (3, 32, 32)
 
 
 def test_a_job_with_a_missing_data_folder_fails_with_that_message(head, tmp_path):
