@@ -134,7 +134,7 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
         num_classes = model(torch.zeros(1, 3, *cfg.size)).shape[1]
     classes = class_names(checkpoint, num_classes)
     init_ray(address)
-    workers = cfg.workers or _default_workers(cfg.device)
+    workers = cfg.workers or default_workers(cfg.device)
     use_gpu = use_gpus(cfg.device, workers, "model actor")
     attrs = {"class_names": list(classes), "network_size": list(cfg.size), "precision": cfg.precision,
              "checkpoint": str(checkpoint.weights.resolve())}
@@ -199,7 +199,7 @@ def class_names(checkpoint: Checkpoint, num_classes: int) -> list[str]:
     return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in range(num_classes)]
 
 
-def _default_workers(device: str) -> int:
+def default_workers(device: str) -> int:
     """One actor per GPU of the cluster; else two CPU actors sharing the cores (on 2 cores, two single-threaded
     processes predicted faster than one with two threads)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))

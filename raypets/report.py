@@ -1,4 +1,4 @@
-"""Plots of a run's curves and the input | prediction | truth grid (and, later, the demo report). No Ray."""
+"""Plots of a run's curves and the input | prediction | truth grid (the demo's report: report_page). No Ray."""
 
 from __future__ import annotations
 
@@ -50,9 +50,7 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
     if not index.is_file():
         raise UserError(f"{output}: no predictions.h5; is it a folder written by raypets predict?")
     with h5py.File(index, "r") as file:
-        names = []
-        file.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
-        names = sorted(names)[:rows]
+        names = sorted(_dataset_names(file))[:rows]
         if not names:
             raise UserError(f"{index}: holds no predictions")
         predictions = [file[name][()].argmax(0) for name in names]
@@ -80,6 +78,20 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _dataset_names(group, prefix: str = "") -> list[str]:
+    """Every dataset's path under ``group``, through the external links that predictions.h5 holds (which h5py's
+    ``visititems`` does not follow)."""
+    import h5py
+
+    names = []
+    for key, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            names.append(prefix + key)
+        elif isinstance(item, h5py.Group):
+            names += _dataset_names(item, f"{prefix}{key}/")
+    return names
 
 
 def _existing(path: Path) -> Path:

@@ -156,8 +156,9 @@ def evaluate(model, test_data, cfg: TrainConfig, classes: list[str], device, use
     The forward runs on the unwrapped module: workers may see different numbers of batches, and DDP's forward
     would wait for the others.
     """
-    model.eval()
     model = _unwrap(model)
+    _broadcast_buffers(model)
+    model.eval()
     matrix = ConfusionMatrix(len(classes), class_names=tuple(classes), device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -214,6 +215,14 @@ def _mean(sums: torch.Tensor) -> float:
 def _all_reduce(tensor: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every worker rank 0's BatchNorm statistics, the ones its checkpoint saves: DDP broadcasts them at the start
+    of each forward, so after an epoch's last step each worker's differ by what its own last batch added."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

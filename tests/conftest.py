@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -88,14 +90,14 @@ def random_pair(rng: np.random.Generator, width: int = 48, height: int = 40, val
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, ray_local) -> dict:
-    """A real, short training run on tiny synthetic shards, shared by the tests of the stages after training:
-    ``shards``, ``run`` (its run folder), ``final`` (the last epoch's metrics as ``train`` returned them)."""
-    from raypets.config import TrainConfig
-    from raypets.train import train
+def quick_demo(tmp_path_factory, ray_local) -> dict:
+    """``raypets demo --quick`` run once, shared by the tests of its report and of the stages after training:
+    ``argv`` (its command line), ``out`` (its folder: ``shards``, ``train``, ...), ``printed`` (its stdout)."""
+    from raypets.cli import main
 
-    root = tmp_path_factory.mktemp("trained")
-    prepared_shards(root, n=48, size=(96, 80), seed=11)
-    final = train(TrainConfig(data=root / "shards", run_dir=root / "run", epochs=2, checkpoint_every=1, workers=1,
-                              batch_size=8, test_batch_size=8, warmup_steps=5, seed=0))
-    return {"shards": root / "shards", "run": root / "run", "raw": root / "raw", "final": final}
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    argv = ["demo", "--out", str(out), "--quick", "--no-progress"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return {"argv": argv, "out": out, "printed": printed.getvalue()}

@@ -66,8 +66,8 @@ def test_training_learns_checkpoints_and_logs(shards, tmp_path):
     x = torch.rand(2, 3, 32, 32) * 255
     torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=0, atol=0)
     again = evaluate_plainly(ray_copy, shards)  # the checkpoint is the model that was evaluated last
-    assert again["mean_dice"] == pytest.approx(final["mean_dice"], abs=1e-3)  # batch-size numerics only
-    assert again["pixel_accuracy"] == pytest.approx(final["pixel_accuracy"], abs=1e-3)
+    assert again["mean_dice"] == pytest.approx(final["mean_dice"], abs=1e-4)  # 2 workers: rank 0's BatchNorm stats
+    assert again["pixel_accuracy"] == pytest.approx(final["pixel_accuracy"], abs=1e-4)
 
     test_log = (run / "raypets_test.txt").read_text().splitlines()
     assert [line.split()[0] for line in test_log[1:]] == ["1", "2", "3", "4"]

@@ -1,0 +1,232 @@
+"""``raypets demo``: the whole pipeline on Ray in one command, every stage a call of its public function, timed.
+
+synth (unless ``--data``) -> prepare -> train -> a learning-rate sweep -> evaluate -> predict over the test images ->
+the input | prediction | ground truth grid -> ``report.md`` and ``report.html``, all in one fresh folder laid out as
+:class:`raypets.report_page.Layout` says. Each stage also gives its equivalent ``raypets`` command for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from raypets.config import PrepareConfig, TrainConfig
+from raypets.data.prepare import format_summary, prepare
+from raypets.data.synth import synthesize
+from raypets.errors import UserError
+from raypets.evaluate import evaluate, format_table, write_json
+from raypets.predict import PredictConfig, default_workers, predict
+from raypets.predict import format_summary as format_predictions
+from raypets.report import show_predictions
+from raypets.report_page import Layout, write_report
+from raypets.runtime import init_ray, set_progress_bars
+from raypets.sweep_config import load_sweep
+from raypets.train import train
+from raypets.tune import tune
+
+# Logical CPUs of a local Ray start: a Tune trial's driver, its Train workers and Ray Data's tasks each hold a slot,
+# more than the 2 cores of a laptop (the test suite and the benchmarks declare 4 for the same reason).
+LOCAL_CPUS = max(4, os.cpu_count() or 1)
+DEVICE_FLAGS = {"auto": [], "cpu": ["--cpu"], "gpu": ["--gpu"]}
+GPUS_PER_WORKER = {"auto": None, "cpu": 0, "gpu": 1}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sizes of one demo: its data, the training run, the sweep and the grid."""
+
+    images: int  # synthetic images (without --data)
+    raw_size: tuple[int, int]  # synthetic (width, height)
+    size: int  # network input, pixels a side
+    test_fraction: float
+    epochs: int
+    batch_size: int
+    test_batch_size: int
+    warmup_steps: int
+    sweep_lrs: tuple[float, ...]
+    sweep_epochs: int
+    rows: int  # samples in the grid
+    workers: int | None = None  # Ray Train workers unless --workers says; None: one per GPU, else 2
+
+    def training(self) -> dict:
+        """The TrainConfig settings of the run (the sweep's trials take them too, with their own epochs)."""
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "test_batch_size": self.test_batch_size,
+                "warmup_steps": self.warmup_steps}
+
+
+QUICK = Settings(images=24, raw_size=(64, 48), size=32, test_fraction=0.25, epochs=2, batch_size=8, test_batch_size=8,
+                 warmup_steps=2, sweep_lrs=(1e-3, 3e-3), sweep_epochs=1, rows=4,
+                 workers=1)  # a smoke test spends its time starting processes: one worker starts fewer
+SYNTHETIC = Settings(images=400, raw_size=(192, 144), size=64, test_fraction=0.15, epochs=12, batch_size=16,
+                     test_batch_size=32, warmup_steps=20, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=2, rows=6)
+TUTORIAL = Settings(images=0, raw_size=(0, 0), size=160, test_fraction=0.1, epochs=30, batch_size=64,
+                    test_batch_size=128, warmup_steps=100, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=5, rows=6)
+
+
+@dataclass(frozen=True)
+class _Demo:
+    """What every stage needs; ``facts`` collects what the report shows beyond the files (predict's summary)."""
+
+    layout: Layout
+    settings: Settings
+    data: Path | None
+    workers: int
+    device: str
+    progress: bool
+    address: str | None
+    facts: dict = field(default_factory=dict)
+
+
+def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None, device: str = "auto",
+             quick: bool = False, address: str | None = None, progress: bool = True) -> dict:
+    """Run every stage into the fresh folder ``out`` and write its report. ``data``: a dataset folder (any layout
+    ``prepare`` reads) instead of synthetic images; ``workers``: Ray Train workers (default one per GPU, else 2).
+
+    Returns demo.json's content plus ``mean_dice`` (the test split's) and the report's paths.
+    """
+    _check_args(out, data, workers)
+    settings = QUICK if quick else TUTORIAL if data else SYNTHETIC
+    layout = Layout.under(out)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    set_progress_bars(progress)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with _stage(timings, "ray.init"):
+        init_ray(address, num_cpus=LOCAL_CPUS)  # every later stage finds Ray running and joins it
+    workers = workers or settings.workers or default_workers(device)
+    demo = _Demo(layout, settings, data, workers, device, progress, address)
+    commands = []
+    for name, stage in STAGES[1:] if data else STAGES:
+        with _stage(timings, name):
+            commands.append(_command(stage(demo)))
+    synthetic = f"{settings.images} synthetic images and the real archive's kinds of bad files (raypets synth)"
+    summary = {"source": str(data.resolve()) if data else synthetic,
+               "workers": demo.workers, "device": device, "quick": quick, "settings": asdict(settings),
+               "timings": timings, "total_s": time.perf_counter() - started, "commands": commands,
+               "demo_command": _command(_demo_args(out, data, demo.workers, device, quick, address)),
+               **demo.facts}
+    layout.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    markdown, html = write_report(layout)
+    print(f"raypets demo: wrote {markdown} and {html}", flush=True)
+    mean_dice = json.loads(layout.evaluation.read_text())["mean_dice"]
+    return {**summary, "mean_dice": mean_dice, "report_md": str(markdown), "report_html": str(html)}
+
+
+def _check_args(out: Path, data: Path | None, workers: int | None) -> None:
+    """One clear error before any work: ``out`` must be new or empty, ``data`` a folder, ``workers`` positive."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not empty; raypets demo writes into a fresh folder, so choose another "
+                        "--out (or remove this one)")
+    if data is not None and not data.is_dir():
+        raise UserError(f"{data}: dataset folder does not exist")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    print(f"raypets demo: {name}", flush=True)
+    started = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - started
+    print(f"raypets demo: {name} took {timings[name]:.1f} s", flush=True)
+
+
+def _command(args: list) -> str:
+    """``raypets ARGS`` as one shell line."""
+    return shlex.join(["raypets", *map(str, args)])
+
+
+def _demo_args(out: Path, data: Path | None, workers: int, device: str, quick: bool, address: str | None) -> list:
+    return ["demo", "--out", out, *(["--data", data] if data else []), "--workers", workers, *DEVICE_FLAGS[device],
+            *(["--quick"] if quick else []), *_address(address)]
+
+
+def _address(address: str | None) -> list[str]:
+    return ["--address", address] if address else []
+
+
+def _flags(settings: dict) -> list[str]:
+    """``{"batch_size": 16}`` -> ``["--batch-size", "16"]``."""
+    return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
+# --- the stages: each runs and returns its equivalent raypets command's arguments ---------------------------------
+
+def _synth(demo: _Demo) -> list:
+    width, height = demo.settings.raw_size
+    print(synthesize(demo.layout.raw, n=demo.settings.images, size=(width, height), defects=True))
+    return ["synth", demo.layout.raw, "--n", demo.settings.images, "--size", f"{width}x{height}", "--defects"]
+
+
+def _prepare(demo: _Demo) -> list:
+    layout, settings = demo.layout, demo.settings
+    cfg = PrepareConfig(src=demo.data or layout.raw, out=layout.shards, size=(settings.size, settings.size),
+                        test_fraction=settings.test_fraction, export_rmldnn=layout.rmldnn)
+    print(format_summary(prepare(cfg), cfg.out))
+    return ["prepare", cfg.src, cfg.out, "--size", settings.size, "--test-fraction", settings.test_fraction,
+            "--export-rmldnn", layout.rmldnn, *_address(demo.address)]
+
+
+def _train(demo: _Demo) -> list:
+    layout = demo.layout
+    final = train(TrainConfig(data=layout.shards, run_dir=layout.run, workers=demo.workers, device=demo.device,
+                              **demo.settings.training()))
+    print(f"finished epoch {final['epoch']}: test mean Dice {final['mean_dice']:.4f}")
+    return ["train", "--data", layout.shards, "--run-dir", layout.run, "--workers", demo.workers,
+            *DEVICE_FLAGS[demo.device], *_flags(demo.settings.training()), *_address(demo.address)]
+
+
+def _tune(demo: _Demo) -> list:
+    layout, settings = demo.layout, demo.settings
+    spec = {"metric": "mean_dice", "mode": "max", "samples": 1, "scheduler": {"type": "fifo"},
+            "train": {**settings.training(), "epochs": settings.sweep_epochs},
+            "space": {"lr": {"grid": list(settings.sweep_lrs)}}}
+    layout.sweep_file.write_text("# raypets demo's learning-rate sweep: every trial runs to the end (FIFO)\n"
+                                 + yaml.safe_dump(spec, sort_keys=False))
+    gpus = GPUS_PER_WORKER[demo.device]
+    sweep = load_sweep(layout.sweep_file, layout.shards, workers=demo.workers, gpus_per_worker=gpus)
+    print(tune(sweep, layout.sweep, progress=demo.progress)["table"])
+    return ["tune", "--data", layout.shards, "--space", layout.sweep_file, "--run-dir", layout.sweep,
+            "--workers-per-trial", demo.workers, *(["--gpus-per-worker", gpus] if gpus is not None else []),
+            *_address(demo.address)]
+
+
+def _evaluate(demo: _Demo) -> list:
+    layout = demo.layout
+    result = evaluate(layout.run, layout.shards, "test", device=demo.device)
+    print(format_table(result))
+    write_json(result, layout.evaluation)
+    return ["evaluate", "--checkpoint", layout.run, "--data", layout.shards, "--out", layout.evaluation,
+            *DEVICE_FLAGS[demo.device], *_address(demo.address)]
+
+
+def _predict(demo: _Demo) -> list:
+    layout, size = demo.layout, demo.settings.size
+    summary = predict(PredictConfig(checkpoint=layout.run, input=layout.test_images, output=layout.predictions,
+                                    size=(size, size), device=demo.device))
+    print(format_predictions(summary))
+    demo.facts["predict"] = summary
+    return ["predict", "--checkpoint", layout.run, layout.test_images, layout.predictions, "--size", size,
+            *DEVICE_FLAGS[demo.device], *_address(demo.address)]
+
+
+def _show(demo: _Demo) -> list:
+    layout = demo.layout
+    show_predictions(layout.predictions, layout.grid, images=layout.test_images, truth=layout.test_masks,
+                     rows=demo.settings.rows)
+    return ["show", layout.predictions, "--images", layout.test_images, "--truth", layout.test_masks,
+            "--rows", demo.settings.rows, "--out", layout.grid]
+
+
+STAGES: list[tuple[str, Callable[[_Demo], list]]] = [
+    ("synth", _synth), ("prepare", _prepare), ("train", _train), ("tune", _tune), ("evaluate", _evaluate),
+    ("predict", _predict), ("show", _show)]
