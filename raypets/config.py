@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from raypets.data.layouts import LAYOUTS
@@ -78,6 +78,9 @@ RECIPES = {
 }
 
 
+TRAIN_PATHS = ("data", "run_dir", "network", "init_weights")  # the TrainConfig fields that name files
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of ``raypets train``: the tutorial's defaults, made robust where the literal recipe collapses.
@@ -143,6 +146,10 @@ class TrainConfig:
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{path}: file does not exist")
 
+    def absolute(self) -> TrainConfig:
+        """The same settings with absolute paths: Ray Train runs its workers in another folder."""
+        return replace(self, **{k: Path(getattr(self, k)).resolve() for k in TRAIN_PATHS if getattr(self, k)})
+
     def to_dict(self) -> dict:
         """Plain JSON types, for Ray's loop config and for checkpoints."""
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -152,8 +159,7 @@ class TrainConfig:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise UserError(f"unknown training setting(s): {', '.join(unknown)}")
-        paths = {"data", "run_dir", "network", "init_weights"}
-        return cls(**{k: Path(v) if k in paths and v is not None else v for k, v in values.items()})
+        return cls(**{k: Path(v) if k in TRAIN_PATHS and v is not None else v for k, v in values.items()})
 
 
 def check_lr_scheduler(spec: dict) -> None:

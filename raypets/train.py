@@ -262,6 +262,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
           ray_run_name: str = RAY_RUN_NAME) -> dict:
     """Fit the model with a ``TorchTrainer`` on ``cfg.workers`` workers and return the last epoch's metrics
     with ``checkpoint`` (the Ray checkpoint folder) and ``model_checkpoint`` (its plain state_dict file)."""
+    cfg = cfg.absolute()
     manifest = read_manifest(cfg.data)
     size = manifest["image_size"]
     try:
@@ -288,7 +289,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         datasets=_load_datasets(cfg),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=ray_run_name, storage_path=str(cfg.run_dir.resolve()), callbacks=callbacks or [],
+            name=ray_run_name, storage_path=str(cfg.run_dir), callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep),
         ),

@@ -44,9 +44,10 @@ def evaluate_plainly(weights: Path, shards: Path) -> dict:
     return matrix.compute()
 
 
-def test_training_learns_checkpoints_and_logs(shards, tmp_path):
+def test_training_learns_checkpoints_and_logs(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --run-dir means the caller's folder, though the workers run elsewhere
     run = tmp_path / "run"
-    final = train(TrainConfig(data=shards, run_dir=run, epochs=4, checkpoint_every=2, **FAST))
+    final = train(TrainConfig(data=shards, run_dir=Path("run"), epochs=4, checkpoint_every=2, **FAST))
     history = read_metrics(run)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4] and final["epoch"] == 4
     assert history[-1]["train_loss"] < history[0]["train_loss"]
