@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from raypets.config import CLASS_NAMES, TrainConfig
+from raypets.config import CLASS_NAMES, TRAIN_PATHS, TrainConfig
 from raypets.errors import UserError
 
 KEYS = ("metric", "mode", "samples", "search", "scheduler", "train", "space")
@@ -85,6 +85,8 @@ def load_sweep(path: Path, data: Path, *, samples: int | None = None, workers: i
         raise UserError(f"{path}: search {search!r} must be one of {', '.join(SEARCHES)}")
 
     train = {**SWEEP_DEFAULTS, **_settings(path, "train", spec.get("train") or {}), "data": str(data)}
+    # Absolute: Tune runs each trial in a folder of its own.
+    train.update({key: str(Path(train[key]).resolve()) for key in TRAIN_PATHS if train.get(key)})
     if workers is not None:
         train["workers"] = workers
     if gpus_per_worker is not None:

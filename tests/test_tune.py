@@ -186,11 +186,15 @@ def test_a_bad_sweep_fails_before_any_ray_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_sweep_files_read_numbers_as_yaml_writes_them_and_resume_needs_a_sweep(tmp_path, capsys):
-    sweep = load_sweep(write(tmp_path / "s.yaml", "samples: 4\ntrain: {lr: 1e-3, bn_momentum: 1}\n"
+def test_sweep_files_read_numbers_as_yaml_writes_them_and_resume_needs_a_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "net.json", "{}")
+    sweep = load_sweep(write(tmp_path / "s.yaml", "samples: 4\ntrain: {lr: 1e-3, bn_momentum: 1, network: net.json}\n"
                              "space: {lr_scheduler: {choice: [null, {type: exponential, gamma: 0.9}]}}\n"),
-                       tmp_path, samples=2, workers=2, gpus_per_worker=0)
+                       Path("shards"), samples=2, workers=2, gpus_per_worker=0)
     assert sweep.train["lr"] == 1e-3 and isinstance(sweep.train["bn_momentum"], float)
+    # relative paths mean the caller's folder, though Tune runs each trial in a folder of its own
+    assert (sweep.train["data"], sweep.train["network"]) == (str(tmp_path / "shards"), str(tmp_path / "net.json"))
     assert (sweep.samples, sweep.train["workers"], sweep.train["device"], sweep.train["checkpoint_every"]) == (
         2, 2, "cpu", 1)
     assert (sweep.metric, sweep.mode, sweep.scheduler) == ("mean_dice", "max", {"type": "fifo"})
