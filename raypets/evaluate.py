@@ -18,7 +18,7 @@ from raypets.checkpoints import load_model, resolve_checkpoint
 from raypets.data.shards import open_split, read_manifest
 from raypets.errors import UserError
 from raypets.inference import ModelRunner
-from raypets.metrics import ConfusionMatrix
+from raypets.metrics import ConfusionMatrix, format_metric
 from raypets.model import check_image_size
 from raypets.runtime import cpu_share, init_ray, use_gpus
 
@@ -78,10 +78,10 @@ def format_table(result: dict) -> str:
     lines = [f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['images']} images)",
              f"{'class':<12}{'Dice':>8}{'IoU':>8}{'true px':>12}{'pred px':>12}"]
     for name in result["dice"]:
-        lines.append(f"{name:<12}{_num(result['dice'][name]):>8}{_num(result['iou'][name]):>8}"
+        lines.append(f"{name:<12}{format_metric(result['dice'][name]):>8}{format_metric(result['iou'][name]):>8}"
                      f"{result['true_pixels'][name]:>12}{result['pred_pixels'][name]:>12}")
-    lines.append(f"{'mean':<12}{_num(result['mean_dice']):>8}{_num(result['mean_iou']):>8}")
-    lines.append(f"pixel accuracy {_num(result['pixel_accuracy'])}")
+    lines.append(f"{'mean':<12}{format_metric(result['mean_dice']):>8}{format_metric(result['mean_iou']):>8}")
+    lines.append(f"pixel accuracy {format_metric(result['pixel_accuracy'])}")
     return "\n".join(lines)
 
 
@@ -92,9 +92,6 @@ def write_json(result: dict, path: Path, overwrite: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_nan_to_none(result), indent=2) + "\n")
 
-
-def _num(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def _nan_to_none(value):

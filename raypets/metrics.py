@@ -144,3 +144,8 @@ def _nanmean(values: Tensor) -> float:
     """Mean of the non-NaN values, NaN when there are none."""
     kept = values[~values.isnan()]
     return float(kept.mean()) if kept.numel() else math.nan
+
+
+def format_metric(value: float | None) -> str:
+    """A metric as the tables print it: 4 decimals, ``n/a`` for a missing or NaN value."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"

@@ -10,10 +10,10 @@ import base64
 import csv
 import html
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from raypets.metrics import format_metric as _num
 from raypets.runlog import read_metrics
 
 SWEEP_COLUMNS = ("rank", "trial_id", "lr", "mean_dice", "best_epoch", "epochs_run", "stopped_early", "status")
@@ -198,9 +198,6 @@ def _background_dice(manifest: dict) -> float:
     f = manifest["class_frequency"]["test"]["background"]
     return 2 * f / (1 + f) / len(manifest["classes"])
 
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def _cell(column: str, text: str) -> str:
