@@ -22,6 +22,7 @@ class ModelRunner:
         self.use_gpu = use_gpu
 
     def logits(self, images: np.ndarray) -> torch.Tensor:
-        x = to_inputs(torch.from_numpy(images).to(self.device), self.mean, self.std, channels_last=True)
+        pixels = torch.from_numpy(np.require(images, requirements="W"))  # Arrow's arrays are read-only
+        x = to_inputs(pixels.to(self.device), self.mean, self.std, channels_last=True)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.use_gpu):
             return self.model(x)

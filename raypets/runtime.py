@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
 from raypets.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
+# Ray Data logs an execution plan and a "finished" line for every pass over a dataset, from every Train worker and
+# split coordinator, which drowns the epoch lines: the worker processes of a local start log it at WARNING only
+# (the driver keeps its progress).
+# Ray's own deprecation warnings in its actors are not the user's to act on.
+LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -28,7 +35,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         except (ConnectionError, TimeoutError, RuntimeError) as err:
             raise UserError(f"cannot connect to a Ray cluster at {address}: {err}") from None
         return
-    ray.init(num_cpus=num_cpus)
+    ray.init(num_cpus=num_cpus, runtime_env=LOCAL_RUNTIME_ENV)
 
 
 def _check_reachable(address: str) -> None:
@@ -48,6 +55,20 @@ def set_progress_bars(enabled: bool) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = enabled
+
+
+@contextmanager
+def worker_side_progress() -> Iterator[None]:
+    """Datasets made inside log their progress where they run (Ray Train's workers) instead of sending progress
+    bars to the driver, which draws none without tqdm and says so: a Dataset keeps the DataContext it was made with."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved, context.use_ray_tqdm = context.use_ray_tqdm, False
+    try:
+        yield
+    finally:
+        context.use_ray_tqdm = saved
 
 
 def cpu_share(workers: int) -> float:

@@ -6,6 +6,7 @@ test split, all-reduce the metrics, checkpoint every ``checkpoint_every`` epochs
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -30,7 +31,7 @@ from raypets.metrics import ConfusionMatrix
 from raypets.model import build_network, check_image_size, count_parameters, to_inputs
 from raypets.report import plot_curves
 from raypets.runlog import RunLog, read_metrics
-from raypets.runtime import cpu_share, init_ray, use_gpus
+from raypets.runtime import cpu_share, init_ray, use_gpus, worker_side_progress
 
 COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels counts as a collapse
 
@@ -81,6 +82,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
+    # Ray Train logs every report at INFO through a logger outside ray.train (LoggingConfig misses it): rank 0's
+    # epoch line says it already.
+    logging.getLogger().setLevel(logging.WARNING)
 
     model = build_network(len(classes), cfg.network, cfg.bn_momentum)
     state = _restore(ray.train.get_checkpoint())
@@ -259,9 +263,12 @@ def _restore(checkpoint: ray.train.Checkpoint | None) -> dict | None:
 # --- the driver ----------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | None = None,
-          ray_run_name: str = RAY_RUN_NAME) -> dict:
+          ray_run_name: str = RAY_RUN_NAME, datasets: dict | None = None) -> dict:
     """Fit the model with a ``TorchTrainer`` on ``cfg.workers`` workers and return the last epoch's metrics
-    with ``checkpoint`` (the Ray checkpoint folder) and ``model_checkpoint`` (its plain state_dict file)."""
+    with ``checkpoint`` (the Ray checkpoint folder) and ``model_checkpoint`` (its plain state_dict file).
+
+    ``datasets``: ``load_datasets(cfg.data)`` done already (a sweep's trials share its one read).
+    """
     cfg = cfg.absolute()
     manifest = read_manifest(cfg.data)
     size = manifest["image_size"]
@@ -286,12 +293,13 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg, use_gpu)),
-        datasets=_load_datasets(cfg),
+        datasets=datasets or load_datasets(cfg.data),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=str(cfg.run_dir), callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints the epochs
         ),
     )
     print(header(cfg, manifest, use_gpu), flush=True)
@@ -335,10 +343,12 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     ])
 
 
-def _load_datasets(cfg: TrainConfig) -> dict:
-    """Both splits read once into Ray's object store (spilled to disk when large), so that the epochs re-read
-    no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
-    return {split: open_split(cfg.data, split, columns=["image", "mask"]).materialize() for split in ("train", "test")}
+def load_datasets(data: str | Path) -> dict:
+    """Both splits of the prepared ``data`` read once into Ray's object store (spilled to disk when large), so that
+    the epochs re-read no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
+    with worker_side_progress():
+        return {split: open_split(data, split, columns=["image", "mask"]).materialize()
+                for split in ("train", "test")}
 
 
 def worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:

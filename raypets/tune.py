@@ -26,7 +26,7 @@ from raypets.errors import UserError
 from raypets.report import plot_metric_vs_lr
 from raypets.runtime import init_ray, set_progress_bars, use_gpus
 from raypets.sweep_config import Sweep
-from raypets.train import train, worker_resources
+from raypets.train import load_datasets, train, worker_resources
 
 SWEEP_FILE = "sweep.json"
 EXPERIMENT = "tune"  # Tune's RunConfig name: RUN/tune/
@@ -35,8 +35,9 @@ DISTRIBUTIONS = {"loguniform": lambda v: ray.tune.loguniform(*v), "uniform": lam
                  "choice": ray.tune.choice, "grid": ray.tune.grid_search}
 
 
-def run_trial(params: dict, *, sweep: dict, run_dir: str, progress: bool = True) -> None:
-    """The Tune trainable: one ``raypets train`` run in ``RUN/trials/<trial_id>``, reporting every epoch to Tune.
+def run_trial(params: dict, *, sweep: dict, run_dir: str, datasets: dict, progress: bool = True) -> None:
+    """The Tune trainable: one ``raypets train`` run in ``RUN/trials/<trial_id>`` on the sweep's ``datasets``
+    (``load_datasets``, read once for every trial), reporting every epoch to Tune.
 
     A retried trial (errored, or running when the sweep was interrupted) continues from its last checkpoint.
     """
@@ -47,7 +48,7 @@ def run_trial(params: dict, *, sweep: dict, run_dir: str, progress: bool = True)
     checkpoints = trial_dir / RAY_RUN_NAME
     cfg = Sweep(**sweep).trial_config(trial_dir, params, resume=checkpoints.exists())
     before = set(checkpoints.glob("checkpoint_*"))
-    final = train(cfg, callbacks=[TuneReportCallback()])
+    final = train(cfg, callbacks=[TuneReportCallback()], datasets=datasets)
     if not set(checkpoints.glob("checkpoint_*")) - before and "checkpoint" in final:
         # Interrupted after its last epoch was saved but before Tune heard of it: nothing was left to train.
         ray.tune.report({**{k: v for k, v in final.items() if k not in ("checkpoint", "model_checkpoint")},
@@ -68,7 +69,8 @@ def tune(sweep: Sweep, run_dir: Path, *, resume: bool = False, address: str | No
     check_run_dir(sweep, run_dir, resume)
     read_manifest(Path(sweep.train["data"]))
     init_ray(address)
-    trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir), progress=progress)
+    trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
+                                         datasets=load_datasets(sweep.train["data"]), progress=progress)
     if resume:
         tuner = ray.tune.Tuner.restore(str(run_dir / EXPERIMENT), trainable=trainable, resume_errored=True)
     else:

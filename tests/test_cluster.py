@@ -115,6 +115,7 @@ def test_prepare_train_and_predict_run_as_ray_jobs(head, tmp_path):
                            "--no-progress")
     assert status == "SUCCEEDED", logs
     assert "epoch 1/1" in logs and (run / "checkpoints" / "model_checkpoint_1.pt").is_file()
+    assert "Reporting training result" not in logs  # Ray Train's INFO line per report: the epoch line says it
     status, logs = _submit(head, "pipelines/predict.py", "--checkpoint", str(run), str(raw / "images"), str(output),
                            "--size", "32", "--cpu", "--workers", "1")
     assert status == "SUCCEEDED", logs
