@@ -5,7 +5,8 @@
 - a plain state_dict file ``model_checkpoint_<epoch>.pt`` (rmldnn's format, what ``RUN/checkpoints/`` holds);
 - a Ray Train checkpoint folder (``model_checkpoint_<epoch>.pt`` beside ``train_state.pt``);
 - a training run folder: its checkpoint with the best test mean Dice (``metrics.jsonl``), else its last one;
-- a sweep's ``best.json`` (its ``checkpoint`` key names a Ray checkpoint folder).
+- a sweep's ``best.json`` (its ``checkpoint`` key names a Ray checkpoint folder);
+- any of these at a URI (``s3://...``): downloaded into a local cache first.
 
 A Ray checkpoint carries the training settings (network file, normalisation); a plain file does not, so the caller
 passes them (e.g. from an rmldnn inference config) or the defaults of ``raypets train`` apply.
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from raypets import storage
 from raypets.errors import UserError
 from raypets.model import build_network
+from raypets.storage import Location
 
 STATE_FILE = "train_state.pt"  # beside the weights in a Ray checkpoint folder: optimizer, epoch, RNG, config
 RAY_RUN_NAME = "ray_train"  # RunConfig name: Ray's checkpoints of a run live in RUN/ray_train/
@@ -36,6 +39,7 @@ class Checkpoint:
     weights: Path
     epoch: int | None = None
     train_config: dict | None = None  # TrainConfig.to_dict() of the run, when the checkpoint carries it
+    uri: str | None = None  # where ``weights`` were downloaded from, for a checkpoint at a URI
 
     @property
     def normalize(self) -> tuple[float, float]:
@@ -50,11 +54,18 @@ class Checkpoint:
         return Path(path) if path else None
 
 
-def resolve_checkpoint(path: str | Path) -> Checkpoint:
+def resolve_checkpoint(path: Location) -> Checkpoint:
     """The checkpoint ``path`` names, in any of the forms of this module's docstring."""
-    path = Path(path)
-    if not path.exists():
+    if not storage.exists(path):
         raise UserError(f"{path}: checkpoint does not exist")
+    if storage.is_uri(path):
+        local = storage.cached(path)
+        checkpoint = resolve_checkpoint(local)
+        if not checkpoint.weights.is_relative_to(local):  # a best.json that names a checkpoint elsewhere
+            return checkpoint
+        inside = checkpoint.weights.relative_to(local).as_posix()
+        return replace(checkpoint, uri=path if inside == "." else str(storage.join(path, inside)))
+    path = Path(path)
     if path.is_file() and path.suffix == ".json":
         return _from_sweep(path)
     if path.is_file():

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from raypets import storage
 from raypets.data.decode import parse_size
 from raypets.errors import UserError
 
@@ -18,6 +19,14 @@ def _size(text: str) -> tuple[int, int]:
         return parse_size(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _local(text: str) -> Path:
+    """A path that must be local: a URI here is one clear error naming the argument."""
+    if storage.is_uri(text):
+        raise argparse.ArgumentTypeError(f"{text}: takes a local path, not a URI (URIs are for prepare's OUT, "
+                                         "--data, train's --run-dir, --checkpoint and predict's OUTPUT)")
+    return Path(text)
 
 
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
         settings.update(from_file)
         if data_root is not None and "data" not in flags:  # the file's rmldnn folders, prepared beside the run
             source = (data_root, size or (160, 160))
-            settings["data"] = flags.get("run_dir", settings["run_dir"]) / "shards"
+            settings["data"] = storage.join(flags.get("run_dir", settings["run_dir"]), "shards")
     settings.update(flags)
     if settings.get("data") is None or settings.get("run_dir") is None:
         raise UserError("raypets train needs --data SHARDS and --run-dir RUN, or --config FILE")
@@ -150,6 +159,10 @@ def _tune(args: argparse.Namespace) -> int:
     from raypets.sweep_config import load_sweep
     from raypets.tune import saved_sweep, tune
 
+    for flag, value in (("--data", args.data), ("--run-dir", args.run_dir)):
+        if storage.is_uri(value):
+            raise UserError(f"{flag} {value}: object-store URIs are not supported by raypets tune yet; use a "
+                            "shared file system (see the README's cluster section)")
     if args.space is not None and args.data is not None:
         sweep = load_sweep(args.space, args.data, samples=args.samples, workers=args.workers_per_trial,
                            gpus_per_worker=args.gpus_per_worker)
@@ -194,9 +207,10 @@ _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "epochs", "batch_size", 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     from raypets.config import LOSSES, OPTIMIZERS, RECIPES
 
-    parser.add_argument("--config", type=Path, help="an rmldnn training config; flags override it")
-    parser.add_argument("--data", type=Path, help="prepared shards (raypets prepare OUT)")
-    parser.add_argument("--run-dir", type=Path, help="folder for checkpoints, logs and plots")
+    parser.add_argument("--config", type=_local, help="an rmldnn training config; flags override it")
+    parser.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), a folder or a URI")
+    parser.add_argument("--run-dir", type=storage.parse,
+                        help="folder for checkpoints, logs and plots, or a URI (s3://, gs://...)")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     _add_device_args(parser)
     parser.add_argument("--epochs", type=int, help="default 30")
@@ -211,7 +225,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bn-momentum", type=float, help="torch BatchNorm momentum (robust: 0.1, tutorial: 0.01)")
     parser.add_argument("--hflip", type=float, help="random horizontal flip probability (default 0)")
     parser.add_argument("--vflip", type=float, help="random vertical flip probability (default 0)")
-    parser.add_argument("--network", type=Path, help="Keras JSON network (default: the built-in XceptionUNet)")
+    parser.add_argument("--network", type=_local, help="Keras JSON network (default: the built-in XceptionUNet)")
     parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
     parser.add_argument("--keep", type=int, help="Ray checkpoints to keep (default all)")
     parser.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
@@ -226,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write a procedural pets-like dataset in the Oxford layout")
-    synth.add_argument("out", type=Path, help="folder to create")
+    synth.add_argument("out", type=_local, help="folder to create")
     synth.add_argument("--n", type=int, default=200, help="number of images (default 200)")
     synth.add_argument("--size", type=_size, default=(240, 320), help="WIDTHxHEIGHT (default 320x240)")
     synth.add_argument("--seed", type=int, default=0)
@@ -234,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_synth)
 
     fetch = commands.add_parser("download", help="fetch and unpack the Oxford-IIIT Pet archives (md5-checked)")
-    fetch.add_argument("dir", type=Path, help="folder to unpack into (images/, annotations/)")
+    fetch.add_argument("dir", type=_local, help="folder to unpack into (images/, annotations/)")
     fetch.add_argument("--base-url", help="where images.tar.gz and annotations.tar.gz are served "
                        "(default: https://www.robots.ox.ac.uk/~vgg/data/pets/data/)")
     fetch.add_argument("--md5", action="append", default=[], metavar="NAME=HEX",
@@ -242,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_download)
 
     prep = commands.add_parser("prepare", help="decode, check and resize a dataset into Parquet shards (Ray Data)")
-    prep.add_argument("src", type=Path, help="dataset folder (oxford, rmldnn or pairs layout)")
-    prep.add_argument("out", type=Path, help="folder for the shards and manifest.json")
+    prep.add_argument("src", type=_local, help="local dataset folder (oxford, rmldnn or pairs layout)")
+    prep.add_argument("out", type=storage.parse, help="folder or URI (s3://...) for the shards and manifest.json")
     prep.add_argument("--layout", default="auto", choices=["auto", "oxford", "rmldnn", "pairs"])
     prep.add_argument("--size", type=_size, default=(160, 160), help="N or WIDTHxHEIGHT (default 160)")
     prep.add_argument("--split", default="hash", choices=["hash", "official"],
@@ -252,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="salt of the hash split")
     prep.add_argument("--strict", action="store_true", help="fail on the first file that would be skipped")
     prep.add_argument("--overwrite", action="store_true", help="replace the output of an earlier prepare")
-    prep.add_argument("--export-rmldnn", type=Path, metavar="DIR",
+    prep.add_argument("--export-rmldnn", type=_local, metavar="DIR",
                       help="also write training/ and testing/ {inputs,masks}/ for rmldnn configs")
     _add_ray_args(prep)
     prep.set_defaults(func=_prepare)
@@ -262,11 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_train)
 
     infer = commands.add_parser("predict", help="batch inference into HDF5 softmax predictions (Ray Data)")
-    infer.add_argument("input", type=Path, nargs="?", help="folder of images (recursive), one image or a file list")
-    infer.add_argument("output", type=Path, nargs="?", help="folder to create: output_1.h5, predictions.h5, errors.csv")
-    infer.add_argument("--checkpoint", type=Path,
-                       help="model_checkpoint_<epoch>.pt, a Ray checkpoint folder, a run folder or a sweep's best.json")
-    infer.add_argument("--config", type=Path, help="an rmldnn inference config; flags override it")
+    infer.add_argument("input", type=_local, nargs="?",
+                       help="local folder of images (recursive), one image or a file list")
+    infer.add_argument("output", type=storage.parse, nargs="?",
+                       help="folder or URI to create: output_1.h5, predictions.h5, errors.csv")
+    infer.add_argument("--checkpoint", type=storage.parse, help="model_checkpoint_<epoch>.pt, a Ray checkpoint "
+                       "folder, a run folder or a sweep's best.json, local or at a URI")
+    infer.add_argument("--config", type=_local, help="an rmldnn inference config; flags override it")
     infer.add_argument("--batch-size", type=int, help="images per model call (default 16)")
     infer.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 2 CPU actors)")
     _add_device_args(infer)
@@ -282,9 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(func=_predict)
 
     sweep = commands.add_parser("tune", help="sweep hyperparameters with Ray Tune; each trial a raypets train run")
-    sweep.add_argument("--data", type=Path, help="prepared shards (raypets prepare OUT)")
-    sweep.add_argument("--space", type=Path, help="sweep file (tune_configs/*.yaml)")
-    sweep.add_argument("--run-dir", type=Path, required=True, help="folder for the trials, trials.csv and best.json")
+    sweep.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), local")
+    sweep.add_argument("--space", type=_local, help="sweep file (tune_configs/*.yaml)")
+    sweep.add_argument("--run-dir", type=storage.parse, required=True,
+                       help="local folder for the trials, trials.csv and best.json")
     sweep.add_argument("--samples", type=int, help="trials to sample (default: the file's samples)")
     sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
     sweep.add_argument("--gpus-per-worker", type=float, choices=[0, 1], help="0: CPU workers; 1: one GPU each "
@@ -295,11 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_tune)
 
     score = commands.add_parser("evaluate", help="a checkpoint's per-class metrics over a prepared split (Ray Data)")
-    score.add_argument("--checkpoint", required=True, type=Path,
-                       help="model_checkpoint_<epoch>.pt, a Ray checkpoint folder, a run folder or a sweep's best.json")
-    score.add_argument("--data", required=True, type=Path, help="prepared shards (raypets prepare OUT)")
+    score.add_argument("--checkpoint", required=True, type=storage.parse, help="model_checkpoint_<epoch>.pt, a Ray "
+                       "checkpoint folder, a run folder or a sweep's best.json, local or at a URI")
+    score.add_argument("--data", required=True, type=storage.parse,
+                       help="prepared shards (raypets prepare OUT), a folder or a URI")
     score.add_argument("--split", default="test", help="split to score (default test)")
-    score.add_argument("--out", type=Path, help="metrics JSON to write (default evaluate_<split>.json)")
+    score.add_argument("--out", type=_local, help="metrics JSON to write (default evaluate_<split>.json)")
     score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     score.add_argument("--batch-size", type=int, default=32)
     score.add_argument("--workers", type=int, default=1, help="model actors (one GPU each with --gpu)")
@@ -308,16 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=_evaluate)
 
     grid = commands.add_parser("show", help="the tutorial's figure: input | prediction | ground truth per row")
-    grid.add_argument("output", type=Path, help="a folder written by raypets predict")
-    grid.add_argument("--images", type=Path, help="the predicted images' folder (raypets predict INPUT)")
-    grid.add_argument("--truth", type=Path, help="class-id masks named like the images (e.g. testing/masks)")
+    grid.add_argument("output", type=_local, help="a folder written by raypets predict")
+    grid.add_argument("--images", type=_local, help="the predicted images' folder (raypets predict INPUT)")
+    grid.add_argument("--truth", type=_local, help="class-id masks named like the images (e.g. testing/masks)")
     grid.add_argument("--rows", type=int, default=6, help="samples to show (default 6)")
-    grid.add_argument("--out", type=Path, required=True, help="PNG to write")
+    grid.add_argument("--out", type=_local, required=True, help="PNG to write")
     grid.set_defaults(func=_show)
 
     demo = commands.add_parser("demo", help="the whole pipeline on Ray in one command, with a Markdown/HTML report")
-    demo.add_argument("--out", type=Path, default=Path("demo"), help="fresh folder for everything (default demo)")
-    demo.add_argument("--data", type=Path, help="a dataset folder, e.g. the real Oxford-IIIT Pet (default: synthetic "
+    demo.add_argument("--out", type=_local, default=Path("demo"), help="fresh folder for everything (default demo)")
+    demo.add_argument("--data", type=_local, help="a dataset folder, e.g. the real Oxford-IIIT Pet (default: synthetic "
                       "images); trains at the tutorial's 160 px for 30 epochs")
     demo.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 2)")
     _add_device_args(demo)

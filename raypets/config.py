@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from raypets import storage
 from raypets.data.layouts import LAYOUTS
 from raypets.errors import UserError
+from raypets.storage import Location
 
 # Class ids after preparation: the official README's trimap meaning (1 pet, 2 background, 3 border) shifted by one.
 CLASS_NAMES = ("pet", "background", "border")
@@ -21,7 +23,7 @@ class PrepareConfig:
     """Settings of ``raypets prepare``; see :func:`raypets.data.prepare.prepare`."""
 
     src: Path
-    out: Path
+    out: Location  # a folder or a URI (s3://...)
     layout: str = "auto"
     size: tuple[int, int] = (160, 160)  # (height, width)
     split: str = "hash"
@@ -47,11 +49,13 @@ class PrepareConfig:
             check_output_folder(self.export_rmldnn, EXPORT_ENTRIES, self.overwrite, "rmldnn export")
 
 
-def check_output_folder(path: Path, ours: frozenset[str], overwrite: bool, what: str) -> None:
-    """Refuse a non-empty ``path`` unless ``overwrite`` and it holds only entries a previous run wrote."""
-    if path.exists() and not path.is_dir():
+def check_output_folder(path: Location, ours: frozenset[str], overwrite: bool, what: str) -> None:
+    """Refuse a non-empty ``path`` (a folder or a URI) unless ``overwrite`` and it holds only entries a previous run
+    wrote."""
+    storage.check_bucket(path)
+    if storage.is_file(path):
         raise UserError(f"{path}: exists and is not a folder")
-    entries = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    entries = storage.entries(path)
     if not entries:
         return
     if not overwrite:
@@ -89,8 +93,8 @@ class TrainConfig:
     Inputs are fed as ``(pixel / 255 - normalize_mean) / normalize_std``; the tutorial's std 1/255 gives 0-255.
     """
 
-    data: Path
-    run_dir: Path
+    data: Location  # a folder or a URI, as run_dir
+    run_dir: Location
     workers: int = 1
     device: str = "auto"
     epochs: int = 30
@@ -148,7 +152,7 @@ class TrainConfig:
 
     def absolute(self) -> TrainConfig:
         """The same settings with absolute paths: Ray Train runs its workers in another folder."""
-        return replace(self, **{k: Path(getattr(self, k)).resolve() for k in TRAIN_PATHS if getattr(self, k)})
+        return replace(self, **{k: storage.absolute(getattr(self, k)) for k in TRAIN_PATHS if getattr(self, k)})
 
     def to_dict(self) -> dict:
         """Plain JSON types, for Ray's loop config and for checkpoints."""
@@ -159,7 +163,7 @@ class TrainConfig:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise UserError(f"unknown training setting(s): {', '.join(unknown)}")
-        return cls(**{k: Path(v) if k in TRAIN_PATHS and v is not None else v for k, v in values.items()})
+        return cls(**{k: storage.parse(v) if k in TRAIN_PATHS and v is not None else v for k, v in values.items()})
 
 
 def check_lr_scheduler(spec: dict) -> None:

@@ -21,14 +21,15 @@ from raypets.inference import ModelRunner
 from raypets.metrics import ConfusionMatrix, format_metric
 from raypets.model import check_image_size
 from raypets.runtime import cpu_share, init_ray, use_gpus
+from raypets.storage import Location
 
 
 class _Scorer(ModelRunner):
     """A model actor: a batch of the split in, its confusion matrix (flattened, one row) out."""
 
     def __init__(self, model: torch.nn.Module, normalize: tuple[float, float], classes: list[str], use_gpu: bool,
-                 threads: int) -> None:
-        super().__init__(model, normalize, use_gpu, threads)
+                 actors: int) -> None:
+        super().__init__(model, normalize, use_gpu, actors)
         self.classes = classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -40,10 +41,10 @@ class _Scorer(ModelRunner):
         return {"matrix": matrix.matrix.cpu().numpy().reshape(1, -1)}
 
 
-def evaluate(checkpoint: str | Path, data: Path, split: str = "test", *, batch_size: int = 32, workers: int = 1,
+def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch_size: int = 32, workers: int = 1,
              device: str = "auto", network: Path | None = None, address: str | None = None) -> dict:
-    """Metrics of ``checkpoint`` on ``split`` of the prepared ``data``: the keys of ``ConfusionMatrix.compute``
-    plus ``checkpoint``, ``data``, ``split`` and ``images``."""
+    """Metrics of ``checkpoint`` on ``split`` of the prepared ``data`` (either may be a URI): the keys of
+    ``ConfusionMatrix.compute`` plus ``checkpoint``, ``data``, ``split`` and ``images``."""
     if batch_size < 1 or workers < 1:
         raise UserError("--batch-size and --workers must be at least 1")
     resolved = resolve_checkpoint(checkpoint)
@@ -59,9 +60,8 @@ def evaluate(checkpoint: str | Path, data: Path, split: str = "test", *, batch_s
 
     init_ray(address)
     use_gpu = use_gpus(device, workers, "actor")
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
     matrices = dataset.map_batches(
-        _Scorer, fn_constructor_args=(model, resolved.normalize, classes, use_gpu, threads), batch_size=batch_size,
+        _Scorer, fn_constructor_args=(model, resolved.normalize, classes, use_gpu, workers), batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
         num_cpus=1 if use_gpu else cpu_share(workers),
     )
@@ -69,7 +69,7 @@ def evaluate(checkpoint: str | Path, data: Path, split: str = "test", *, batch_s
     for batch in matrices.iter_batches(batch_size=None, batch_format="numpy"):
         total.matrix += torch.from_numpy(batch["matrix"].sum(0).reshape(len(classes), len(classes)))
     result = total.compute()
-    return {"checkpoint": str(resolved.weights), "data": str(data), "split": split,
+    return {"checkpoint": resolved.uri or str(resolved.weights), "data": str(data), "split": split,
             "images": result["total_pixels"] // (size["height"] * size["width"]), **result}
 
 

@@ -5,7 +5,8 @@ stage reads, decodes (any format and mode, repaired to RGB) and resizes each ima
 becomes a row with its reason instead of an exception. An actor pool holds the model (one GPU per actor, or CPU
 actors, into which Ray Data then fuses the decode stage) and skips those rows; :class:`raypets.hdf5.HDF5Sink` writes
 the softmax of the others and lists the rest. Batches are formed in input order, so a re-run gives the same floats.
-Everything is written into a hidden ``.OUTPUT.partial`` folder beside OUTPUT and renamed into place once complete.
+Everything is written into a hidden ``.OUTPUT.partial`` folder beside OUTPUT and renamed into place once complete; an
+OUTPUT URI (``s3://...``) is written into a local temp folder and uploaded once complete. The checkpoint may be a URI.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from PIL import Image
 from ray.data import ActorPoolStrategy
 from torch import nn
 
+from raypets import storage
 from raypets.checkpoints import Checkpoint, load_model, resolve_checkpoint
 from raypets.config import CLASS_NAMES, DEVICES, check_output_folder
 from raypets.data.decode import IMAGE_SUFFIXES, DecodeError, decode_image, resize_image, resize_mask
@@ -35,6 +38,7 @@ from raypets.hdf5 import INDEX_FILE, OUTPUT_FILE, HDF5Sink
 from raypets.inference import ModelRunner
 from raypets.model import check_image_size
 from raypets.runtime import cpu_share, init_ray, use_gpus
+from raypets.storage import Location
 
 PRECISIONS = {"single": "float32", "half": "float16"}
 ERRORS_FILE = "errors.csv"
@@ -47,9 +51,9 @@ PALETTE = np.array([(255, 64, 32), (32, 96, 255), (255, 224, 0), (0, 200, 80), (
 class PredictConfig:
     """Settings of ``raypets predict``; ``normalize`` (mean, std) and ``network`` override the checkpoint's."""
 
-    checkpoint: Path
+    checkpoint: Location  # a path or a URI, as output
     input: Path
-    output: Path
+    output: Location
     batch_size: int = 16
     workers: int | None = None  # model actors; default one per GPU on a GPU cluster, else 2
     device: str = "auto"
@@ -124,7 +128,8 @@ def png_names(names: list[str]) -> list[str]:
 def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
     """Predict every image of ``cfg.input`` into ``cfg.output``; return the summary (see :func:`format_summary`)."""
     started = time.perf_counter()
-    inputs = list_inputs(cfg.input, exclude=cfg.output)
+    uri = storage.is_uri(cfg.output)
+    inputs = list_inputs(cfg.input, exclude=None if uri else cfg.output)
     if not inputs.paths:
         raise UserError(f"{cfg.input}: no image files found ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         f"{inputs.ignored} other file(s) ignored")
@@ -137,12 +142,15 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
     workers = cfg.workers or default_workers(cfg.device)
     use_gpu = use_gpus(cfg.device, workers, "model actor")
     attrs = {"class_names": list(classes), "network_size": list(cfg.size), "precision": cfg.precision,
-             "checkpoint": str(checkpoint.weights.resolve())}
+             "checkpoint": checkpoint.uri or str(checkpoint.weights.resolve())}
     hook = partial(write_pngs, masks=cfg.masks, overlays=cfg.overlays,
                    background=classes.index("background") if "background" in classes else -1)
-    staging = cfg.output.parent / f".{cfg.output.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if uri:
+        staging = Path(tempfile.mkdtemp(prefix="raypets-predict-"))
+    else:
+        staging = cfg.output.parent / f".{cfg.output.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     try:
         sink = HDF5Sink(staging, attrs, on_row=hook if cfg.masks or cfg.overlays else None)
         rows = [{"path": path, "key": key, "png": png}
@@ -164,9 +172,13 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
         predicted.write_datasink(sink, concurrency=1)
         with open(staging / ERRORS_FILE, "w", newline="") as out:
             csv.writer(out).writerows([("file", "reason", "detail"), *sink.errors])
-        if cfg.output.exists():
-            shutil.rmtree(cfg.output)  # empty, or an earlier prediction --overwrite may replace
-        staging.rename(cfg.output)
+        if uri:
+            storage.remove_contents(cfg.output)  # empty, or an earlier prediction --overwrite may replace
+            storage.upload(staging, cfg.output)
+        else:
+            if cfg.output.exists():
+                shutil.rmtree(cfg.output)  # empty, or an earlier prediction --overwrite may replace
+            staging.rename(cfg.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -191,11 +203,13 @@ def format_summary(summary: dict) -> str:
 def class_names(checkpoint: Checkpoint, num_classes: int) -> list[str]:
     """The classes of the training data's manifest when reachable, else raypets' own (or class_<i>)."""
     data = (checkpoint.train_config or {}).get("data")
-    manifest = Path(data) / "manifest.json" if data else None
-    if manifest is not None and manifest.is_file():
-        classes = json.loads(manifest.read_text()).get("classes", [])
-        if len(classes) == num_classes:
-            return list(classes)
+    manifest = storage.join(storage.parse(data), "manifest.json") if data else None
+    try:
+        classes = json.loads(storage.read_text(manifest)).get("classes", []) if manifest else []
+    except UserError:  # no manifest there (any more), or not reachable from here
+        classes = []
+    if len(classes) == num_classes:
+        return list(classes)
     return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in range(num_classes)]
 
 
@@ -237,7 +251,7 @@ class Predictor(ModelRunner):
 
     def __init__(self, model: nn.Module, num_classes: int, normalize: tuple[float, float], use_gpu: bool,
                  workers: int, dtype: str) -> None:
-        super().__init__(model, normalize, use_gpu, threads=max(1, (os.cpu_count() or 1) // workers))
+        super().__init__(model, normalize, use_gpu, workers)
         self.num_classes = num_classes
         self.dtype = np.dtype(dtype)
 

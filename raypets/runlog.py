@@ -1,33 +1,42 @@
 """A training run's logs in rmldnn's spirit: ``<name>_train.txt``, ``<name>_test.txt`` and ``metrics.jsonl``.
 
 Written by rank 0 only. A resumed run first drops the lines of epochs after its checkpoint, so an epoch that was
-logged but not checkpointed before a crash is not logged twice.
+logged but not checkpointed before a crash is not logged twice. A run at a URI (``s3://...``) is logged in a local
+temp folder: the logs are downloaded at the start and uploaded after each epoch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
+
+from raypets import storage
+from raypets.storage import Location
 
 TRAIN_HEADER = "# epoch batch time_s loss grad_norm lr"
 TEST_HEADER = "# epoch test_loss pixel_accuracy mean_iou mean_dice"
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, name: str) -> None:
-        self.train = run_dir / f"{name}_train.txt"
-        self.test = run_dir / f"{name}_test.txt"
-        self.metrics = run_dir / "metrics.jsonl"
-        run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: Location, name: str) -> None:
+        self.run_dir = run_dir
+        folder = Path(tempfile.mkdtemp(prefix="raypets-log-")) if storage.is_uri(run_dir) else Path(run_dir)
+        self.train = folder / f"{name}_train.txt"
+        self.test = folder / f"{name}_test.txt"
+        self.metrics = folder / "metrics.jsonl"
+        folder.mkdir(parents=True, exist_ok=True)
 
     def start(self, last_epoch: int) -> None:
         """Keep the lines of epochs up to ``last_epoch`` (0: none) and write the headers when new."""
+        self._sync(download=True)
         for path, header in ((self.train, TRAIN_HEADER), (self.test, TEST_HEADER)):
             kept = [line for line in _lines(path) if not line.startswith("#") and int(line.split()[0]) <= last_epoch]
             path.write_text("".join(f"{line}\n" for line in [header, *kept]))
         kept = [line for line in _lines(self.metrics) if json.loads(line)["epoch"] <= last_epoch]
         self.metrics.write_text("".join(f"{line}\n" for line in kept))
+        self._sync()
 
     def batch(self, epoch: int, batch: int, seconds: float, loss: float, grad_norm: float, lr: float) -> None:
         with self.train.open("a") as f:
@@ -40,12 +49,24 @@ class RunLog:
         with self.metrics.open("a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in metrics.items()}) + "\n")
+        self._sync()
+
+    def _sync(self, download: bool = False) -> None:
+        """For a run at a URI: fetch the run's logs into the local folder, or upload them there."""
+        if not storage.is_uri(self.run_dir):
+            return
+        for path in (self.train, self.test, self.metrics):
+            remote = storage.join(self.run_dir, path.name)
+            if not download:
+                storage.upload(path, remote)
+            elif storage.is_file(remote):
+                storage.download(remote, path.parent)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every epoch's metrics of a run, in order."""
-    return [json.loads(line) for line in _lines(run_dir / "metrics.jsonl")]
+def read_metrics(run_dir: Location) -> list[dict]:
+    """Every epoch's metrics of a run (a folder or a URI), in order."""
+    return [json.loads(line) for line in _lines(storage.join(run_dir, "metrics.jsonl"))]
 
 
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def _lines(path: Location) -> list[str]:
+    return [line for line in storage.read_text(path).splitlines() if line.strip()] if storage.is_file(path) else []

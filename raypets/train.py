@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ray
 import ray.train
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raypets import storage
 from raypets.checkpoints import RAY_RUN_NAME, STATE_FILE
 from raypets.config import PrepareConfig, TrainConfig
 from raypets.data.prepare import format_summary, prepare
@@ -32,6 +33,7 @@ from raypets.model import build_network, check_image_size, count_parameters, to_
 from raypets.report import plot_curves
 from raypets.runlog import RunLog, read_metrics
 from raypets.runtime import cpu_share, init_ray, use_gpus, worker_side_progress
+from raypets.storage import Location
 
 COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels counts as a collapse
 
@@ -245,9 +247,7 @@ def _save(model, optimizer, cfg: TrainConfig, epoch: int, step: int) -> str:
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                 "torch_rng": torch.get_rng_state(), "config": cfg.to_dict(), "weights": name},
                Path(folder) / STATE_FILE)
-    plain = cfg.run_dir / cfg.checkpoint_dir
-    plain.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(folder) / name, plain / name)
+    storage.upload(Path(folder) / name, storage.join(cfg.run_dir, cfg.checkpoint_dir, name))
     return folder
 
 
@@ -279,15 +279,17 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     for split in ("train", "test"):
         if manifest["counts"].get(split, 0) == 0:
             raise UserError(f"{cfg.data}: the {split} split is empty; training needs both splits")
-    previous = (cfg.run_dir / ray_run_name).exists()
+    previous = storage.exists(storage.join(cfg.run_dir, ray_run_name))
     if previous and not cfg.resume:
         raise UserError(f"{cfg.run_dir}: holds a training run already; pass --resume to continue it, "
                         "or choose another --run-dir")
     if cfg.resume and not previous:
         raise UserError(f"{cfg.run_dir}: no training run to resume")
+    storage.check_bucket(cfg.run_dir)
 
     init_ray(address)
     use_gpu = use_gpus(cfg.device, cfg.workers)
+    filesystem, storage_path = storage.filesystem(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
@@ -296,7 +298,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         datasets=datasets or load_datasets(cfg.data),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=ray_run_name, storage_path=str(cfg.run_dir), callbacks=callbacks or [],
+            name=ray_run_name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints the epochs
@@ -304,17 +306,20 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     )
     print(header(cfg, manifest, use_gpu), flush=True)
     result = trainer.fit()
-    plot_curves(read_metrics(cfg.run_dir), cfg.run_dir)
+    with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in the run folder (or at its URI)
+        for plot in plot_curves(read_metrics(cfg.run_dir), Path(folder)):
+            storage.upload(plot, storage.join(cfg.run_dir, plot.name))
     metrics = dict(result.metrics or {})
-    if result.checkpoint is not None:
-        metrics["checkpoint"] = result.checkpoint.path
-        metrics["model_checkpoint"] = str(Path(result.checkpoint.path) / f"model_checkpoint_{metrics['epoch']}.pt")
+    if result.checkpoint is not None:  # Ray names it by its path in the bucket; say it as the run's URI
+        checkpoint = storage.join(cfg.run_dir, ray_run_name, PurePosixPath(result.checkpoint.path).name)
+        metrics["checkpoint"] = str(checkpoint)
+        metrics["model_checkpoint"] = str(storage.join(checkpoint, f"model_checkpoint_{metrics['epoch']}.pt"))
     return metrics
 
 
-def ensure_shards(src: Path, shards: Path, size: tuple[int, int], *, address: str | None = None) -> None:
+def ensure_shards(src: Path, shards: Location, size: tuple[int, int], *, address: str | None = None) -> None:
     """Prepare the rmldnn-layout folder ``src`` into ``shards`` at ``size``, unless that was done already."""
-    if (shards / "manifest.json").is_file():
+    if storage.is_file(storage.join(shards, "manifest.json")):
         manifest = read_manifest(shards)
         if manifest["source"] != str(src.resolve()) or (manifest["image_size"]["height"],
                                                          manifest["image_size"]["width"]) != tuple(size):
@@ -343,7 +348,7 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     ])
 
 
-def load_datasets(data: str | Path) -> dict:
+def load_datasets(data: Location) -> dict:
     """Both splits of the prepared ``data`` read once into Ray's object store (spilled to disk when large), so that
     the epochs re-read no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
     with worker_side_progress():

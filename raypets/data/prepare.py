@@ -25,11 +25,13 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
+from raypets import storage
 from raypets.config import CLASS_NAMES, PrepareConfig
 from raypets.data.decode import DecodedImage, DecodeError, decode_image, decode_mask, resize_image, resize_mask
 from raypets.data.layouts import Discovery, Pair, Skip, discover, official_split
 from raypets.errors import UserError
 from raypets.runtime import init_ray
+from raypets.storage import Location
 
 if TYPE_CHECKING:
     from ray.data._internal.execution.interfaces import TaskContext
@@ -51,7 +53,9 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
     """Prepare ``cfg.src`` into ``cfg.out`` and return the manifest (also written as ``out/manifest.json``).
 
     Output is built in hidden staging folders beside ``out`` (and the export) and moved into place only once
-    complete, so a failed or ``--strict`` run leaves an earlier output as it was.
+    complete, so a failed or ``--strict`` run leaves an earlier output as it was. An ``out`` URI (``s3://...``) is
+    written in place (an object store cannot move a folder): an earlier output is removed first, and
+    ``manifest.json``, written last, marks the shards complete.
     """
     found = discover(cfg.src, cfg.layout)
     pairs, skipped = _assign_splits(cfg, found)
@@ -62,11 +66,12 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
 
     init_ray(address)
     targets = [cfg.out] + ([cfg.export_rmldnn] if cfg.export_rmldnn else [])
-    staging = {target: target.parent / f".{target.name}.partial" for target in targets}
+    staging = {target: _staging(target) for target in targets}
     try:
         for folder in staging.values():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
+            storage.remove_contents(folder)  # a stale staging folder, or at a URI the output --overwrite replaces
+            if not storage.is_uri(folder):
+                folder.mkdir(parents=True, exist_ok=True)
         sink = _ShardSink(str(staging[cfg.out]))
         _decode_dataset(cfg, found, pairs, staging.get(cfg.export_rmldnn)).write_datasink(sink)
         used = [row for row in sink.rows if not row["reason"]]
@@ -79,25 +84,34 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
         if not used:
             raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
         manifest = _manifest(cfg, found, used, skipped, sink.class_pixels)
-        (staging[cfg.out] / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        storage.write_text(storage.join(staging[cfg.out], "manifest.json"), json.dumps(manifest, indent=2) + "\n")
         for target, folder in staging.items():
+            if folder == target:
+                continue
             if target.exists():
                 shutil.rmtree(target)  # empty, or an earlier output that PrepareConfig allowed --overwrite to replace
             folder.rename(target)
     finally:
-        for folder in staging.values():
-            shutil.rmtree(folder, ignore_errors=True)
+        for target, folder in staging.items():
+            if folder != target:
+                shutil.rmtree(folder, ignore_errors=True)
     return manifest
 
 
+def _staging(target: Location) -> Location:
+    """Where an output is built: a hidden folder beside a local ``target``, a URI itself."""
+    return target if storage.is_uri(target) else target.parent / f".{target.name}.partial"
+
+
 class _ShardSink(Datasink):
-    """Writes each decoded block's rows into ``out/<split>/`` as Parquet and returns their small metadata.
+    """Writes each decoded block's rows into ``out/<split>/`` (a folder or a URI) as Parquet and returns their small
+    metadata.
 
     Runs in the Ray tasks that decode (fused with the UDF); the driver gets back only names, skip reasons and
     class pixel counts, in :meth:`on_write_complete`.
     """
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: Location) -> None:
         self.out = out
         self.rows: list[dict] = []
         self.class_pixels = {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
@@ -106,15 +120,17 @@ class _ShardSink(Datasink):
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        filesystem, root = storage.filesystem(self.out)
         rows, pixels = [], {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
         for index, block in enumerate(blocks):
             table = BlockAccessor.for_block(block).to_arrow()
             for split in SPLITS:
                 part = table.filter(pc.equal(table["split"], split))
                 if part.num_rows:
-                    path = Path(self.out, split, f"part-{ctx.task_idx:05d}-{index:03d}.parquet")
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    pq.write_table(part.select(SHARD_COLUMNS), path)
+                    path = f"{root}/{split}/part-{ctx.task_idx:05d}-{index:03d}.parquet"
+                    if filesystem is None:
+                        Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    pq.write_table(part.select(SHARD_COLUMNS), path, filesystem=filesystem)
                     pixels[split] += part["class_pixels"].combine_chunks().to_numpy().sum(axis=0)
             rows += table.select(_META_COLUMNS).to_pylist()
         return rows, pixels
@@ -286,7 +302,7 @@ def _fail_strict(skipped: list[Skip]) -> None:
     raise UserError(f"--strict: {first.file}: {first.reason}{detail}; {len(skipped)} file(s) would be skipped")
 
 
-def format_summary(manifest: dict, out: Path) -> str:
+def format_summary(manifest: dict, out: Location) -> str:
     """The few lines ``raypets prepare`` prints: counts per split and skips per reason."""
     counts, files = manifest["counts"], manifest["files"]
     lines = [f"prepared {out}: {counts['train']} train + {counts['test']} test pairs at "

@@ -1,4 +1,4 @@
-"""Open prepared shards (Parquet written by ``raypets prepare``) with the manifest's metadata."""
+"""Open prepared shards (Parquet written by ``raypets prepare``, a folder or a URI) with the manifest's metadata."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
+from raypets import storage
 from raypets.errors import UserError
+from raypets.storage import Location
 
 
-def read_manifest(data: str | Path) -> dict:
-    """The manifest of a prepared folder, or one clear error when ``data`` is not one."""
-    path = Path(data) / "manifest.json"
-    if not Path(data).is_dir():
+def read_manifest(data: Location) -> dict:
+    """The manifest of a prepared folder (a path or a URI), or one clear error when ``data`` is not one."""
+    path = storage.join(data, "manifest.json")
+    if not storage.is_dir(data):
         raise UserError(f"{data}: prepared data folder does not exist")
-    if not path.is_file():
+    if not storage.is_file(path):
         raise UserError(f"{data}: not a prepared dataset (no manifest.json); run `raypets prepare` first")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     for key in ("counts", "classes", "image_size"):
@@ -27,15 +29,15 @@ def read_manifest(data: str | Path) -> dict:
     return manifest
 
 
-def split_path(data: str | Path, split: str, manifest: dict | None = None) -> Path:
+def split_path(data: Location, split: str, manifest: dict | None = None) -> Location:
     """The Parquet folder of ``split``, checked against the manifest."""
     manifest = manifest or read_manifest(data)
     if split not in manifest["counts"]:
         raise UserError(f"{data}: no split {split!r}; it has {', '.join(manifest['counts'])}")
-    return Path(data) / split
+    return storage.join(data, split)
 
 
-def open_split(data: str | Path, split: str, columns: list[str] | None = None):
+def open_split(data: Location, split: str, columns: list[str] | None = None):
     """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...)."""
     import ray
 
@@ -43,7 +45,8 @@ def open_split(data: str | Path, split: str, columns: list[str] | None = None):
     path = split_path(data, split, manifest)
     if manifest["counts"][split] == 0:
         raise UserError(f"{data}: split {split!r} is empty")
-    dataset = ray.data.read_parquet(str(path))
+    filesystem, fs_path = storage.filesystem(path)
+    dataset = ray.data.read_parquet(fs_path, filesystem=filesystem)
     return dataset.select_columns(columns) if columns else dataset
 
 
@@ -52,7 +55,7 @@ def load_split(data: str | Path, split: str) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  registers Ray's tensor extension type that the shards' columns use
 
-    path = split_path(data, split)
+    path = Path(split_path(data, split))
     if not any(path.glob("*.parquet")):
         raise UserError(f"{data}: split {split!r} is empty")
     table = pq.read_table(path).sort_by("name")

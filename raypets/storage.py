@@ -1,0 +1,161 @@
+"""Where raypets reads and writes: local paths and object-store URIs (``s3://``, ``gs://``, ...). No Ray here.
+
+A location is a local ``Path`` or a URI string; every function here takes either. URIs go through
+``pyarrow.fs.FileSystem.from_uri``, so endpoint and credentials are pyarrow's: the usual ``AWS_*`` variables (set
+on every node, since Ray's workers read them there) or the URI itself, e.g.
+``s3://KEY:SECRET@bucket/run?endpoint_override=HOST:PORT&scheme=http``, which travels to the workers with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+from raypets.errors import UserError
+
+Location = str | Path  # a str is a URI when it has a scheme (``s3://...``), else a local path
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: Location) -> bool:
+    """Whether ``location`` is a URI (``scheme://...``) rather than a local path."""
+    return isinstance(location, str) and bool(_SCHEME.match(location))
+
+
+def parse(text: str) -> Location:
+    """A location from the command line: a URI stays a string, anything else becomes a ``Path``."""
+    return text if is_uri(text) else Path(text)
+
+
+def absolute(location: Location) -> Location:
+    """A URI as it is, a local path resolved (Ray runs its workers in other folders)."""
+    return location if is_uri(location) else Path(location).resolve()
+
+
+def join(location: Location, *parts: str) -> Location:
+    """``location/part/...``: a ``Path`` for a local path, a URI (query kept at the end) for a URI."""
+    if not is_uri(location):
+        return Path(location, *parts)
+    scheme, netloc, path, query, fragment = urlsplit(location)
+    return urlunsplit((scheme, netloc, "/".join([path.rstrip("/"), *parts]), query, fragment))
+
+
+def filesystem(location: Location) -> tuple[pafs.FileSystem | None, str]:
+    """What Ray takes as ``storage_filesystem``/``filesystem`` and its path: ``(None, path)`` for a local path
+    (Ray's default), the URI's pyarrow filesystem and bucket path otherwise."""
+    if not is_uri(location):
+        return None, str(location)
+    with _errors(location):
+        return pafs.FileSystem.from_uri(location)
+
+
+def check_bucket(location: Location) -> None:
+    """One clear error, before any work is done for it, when the URI ``location`` is in a bucket that is not there."""
+    if not is_uri(location):
+        return
+    fs, path = filesystem(location)
+    bucket = PurePosixPath(path).parts[0]
+    with _errors(location):
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    if missing:
+        raise UserError(f"{location}: bucket {bucket} does not exist (or these credentials do not see it)")
+
+
+def exists(location: Location) -> bool:
+    return _type(location) != pafs.FileType.NotFound
+
+
+def is_file(location: Location) -> bool:
+    return _type(location) == pafs.FileType.File
+
+
+def is_dir(location: Location) -> bool:
+    """A folder; on an object store, a prefix that holds objects."""
+    return _type(location) == pafs.FileType.Directory
+
+
+def entries(location: Location) -> set[str]:
+    """Names directly inside the folder ``location``; none when it does not exist."""
+    fs, path = _open(location)
+    with _errors(location):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return {PurePosixPath(info.path).name for info in infos}
+
+
+def read_text(location: Location) -> str:
+    fs, path = _open(location)
+    with _errors(location), fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(location: Location, text: str) -> None:
+    """Write a small text file, creating its folder."""
+    fs, path = _open(location)
+    with _errors(location):
+        fs.create_dir(str(PurePosixPath(path).parent))
+        with fs.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+
+def upload(local: Path, location: Location) -> None:
+    """Copy the local file or folder ``local`` to ``location`` (a folder's files keep their relative paths)."""
+    fs, path = _open(location)
+    with _errors(location):
+        fs.create_dir(path if local.is_dir() else str(PurePosixPath(path).parent))
+        # One thread: pyarrow's threaded uploads to S3 can hang (apache/arrow#32372; Ray Train does the same).
+        pafs.copy_files(str(local.resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs, use_threads=False)
+
+
+def download(location: Location, local: Path) -> Path:
+    """Copy the file or folder at ``location`` into the local folder ``local``; the copy's path."""
+    fs, path = _open(location)
+    target = local / PurePosixPath(path).name if is_file(location) else local
+    local.mkdir(parents=True, exist_ok=True)
+    with _errors(location):
+        pafs.copy_files(path, str(target.resolve()), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    return target
+
+
+def cached(location: Location) -> Path:
+    """A fresh local copy of the file or folder at ``location`` (in the temp folder, one place per location)."""
+    cache = Path(tempfile.gettempdir(), "raypets-cache", hashlib.sha256(str(location).encode()).hexdigest()[:16])
+    shutil.rmtree(cache, ignore_errors=True)
+    return download(location, cache)
+
+
+def remove_contents(location: Location) -> None:
+    """Delete everything under the folder ``location`` (the folder itself stays, if the store has folders)."""
+    fs, path = _open(location)
+    with _errors(location):
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def _open(location: Location) -> tuple[pafs.FileSystem, str]:
+    fs, path = filesystem(location)
+    return (fs, path) if fs is not None else (pafs.LocalFileSystem(), str(Path(path).absolute()))
+
+
+def _type(location: Location) -> pafs.FileType:
+    fs, path = _open(location)
+    with _errors(location):
+        return fs.get_file_info(path).type
+
+
+@contextmanager
+def _errors(location: Location) -> Iterator[None]:
+    """pyarrow's errors (no such bucket, access denied, a bad URI) as one UserError naming ``location``."""
+    try:
+        yield
+    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+        raise UserError(f"{location}: {str(err).strip().splitlines()[0]}") from None

@@ -1,0 +1,174 @@
+"""Object-store URIs: :mod:`raypets.storage`, then prepare, train and predict against a real S3 server (moto).
+
+The URIs carry the endpoint and credentials (``s3://KEY:SECRET@bucket/key?endpoint_override=...&scheme=http``):
+Ray's workers were started before this server, without its environment, and still reach it that way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import pyarrow.fs as pafs
+import pytest
+from conftest import free_ports
+from test_checkpoints import _ray_checkpoint
+
+from raypets import storage
+from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
+from raypets.cli import main
+from raypets.config import PREPARED_ENTRIES, check_output_folder
+from raypets.errors import UserError
+from raypets.runlog import TRAIN_HEADER, RunLog, read_metrics
+
+BUCKET = "pets"
+
+
+class Bucket:
+    """A bucket of the moto server at ``endpoint``; :meth:`uri` names a key in it."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def uri(self, key: str) -> str:
+        return f"s3://testing:testing@{BUCKET}/{key}?endpoint_override={self.endpoint}&scheme=http"
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    bucket = Bucket(f"127.0.0.1:{port}")
+    fs, _ = pafs.FileSystem.from_uri(bucket.uri("") + "&allow_bucket_creation=true")
+    fs.create_dir(BUCKET)
+    yield bucket
+    server.stop()
+
+
+def test_join_keeps_the_query_and_local_paths_stay_paths(tmp_path):
+    assert storage.join("s3://b/runs?endpoint_override=h:1", "first", "metrics.jsonl") == \
+        "s3://b/runs/first/metrics.jsonl?endpoint_override=h:1"
+    assert storage.join(tmp_path, "a") == tmp_path / "a"
+    assert storage.parse("gs://b/x") == "gs://b/x" and storage.parse("runs/first") == Path("runs/first")
+    assert not storage.is_uri(Path("s3:/b")) and storage.absolute("s3://b/x") == "s3://b/x"
+
+
+def test_text_files_folders_and_their_copies_round_trip(bucket, tmp_path):
+    folder = bucket.uri("round/trip")
+    storage.write_text(storage.join(folder, "a.txt"), "hello\n")
+    assert storage.read_text(storage.join(folder, "a.txt")) == "hello\n"
+    assert storage.is_file(storage.join(folder, "a.txt")) and storage.is_dir(folder)
+    assert not storage.exists(storage.join(folder, "missing.txt"))
+    (tmp_path / "up" / "sub").mkdir(parents=True)
+    (tmp_path / "up" / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    storage.upload(tmp_path / "up", folder)
+    assert storage.entries(folder) == {"a.txt", "sub"}
+    copy = storage.cached(folder)
+    assert (copy / "a.txt").read_text() == "hello\n" and (copy / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    assert storage.cached(storage.join(folder, "a.txt")).read_text() == "hello\n"
+    storage.remove_contents(folder)
+    storage.write_text(storage.join(folder, "c.txt"), "c")
+    assert [p.name for p in storage.cached(folder).iterdir()] == ["c.txt"]  # a fresh copy: nothing stale
+
+
+def test_the_environment_configures_plain_uris(bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{bucket.endpoint}")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    storage.write_text(f"s3://{BUCKET}/env/plain.txt", "plain")
+    assert storage.read_text(bucket.uri("env/plain.txt")) == "plain"
+
+
+def test_errors_name_the_uri(bucket):
+    missing = bucket.uri("no/such/file.txt")
+    with pytest.raises(UserError, match=r"^s3://testing:testing@pets/no/such/file\.txt\?endpoint_override=.*: "):
+        storage.read_text(missing)
+    with pytest.raises(UserError, match="^nosuch://b/x: "):
+        storage.exists("nosuch://b/x")
+
+
+def test_an_output_uri_that_holds_something_is_refused(bucket):
+    out = bucket.uri("refuse/shards")
+    check_output_folder(out, PREPARED_ENTRIES, False, "prepared dataset")  # nothing there yet
+    storage.write_text(storage.join(out, "notes.txt"), "mine")
+    with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
+        check_output_folder(out, PREPARED_ENTRIES, False, "prepared dataset")
+    with pytest.raises(UserError, match="it also holds notes.txt, so it is left alone"):
+        check_output_folder(out, PREPARED_ENTRIES, True, "prepared dataset")
+    elsewhere = out.replace(f"@{BUCKET}/", "@no-such-bucket/")
+    with pytest.raises(UserError, match=f"^{re.escape(elsewhere)}: bucket no-such-bucket does not exist"):
+        check_output_folder(elsewhere, PREPARED_ENTRIES, False, "prepared dataset")
+
+
+def test_the_run_log_at_a_uri_is_uploaded_each_epoch_and_trimmed_on_resume(bucket):
+    run = bucket.uri("log/run")
+    log = RunLog(run, "raypets")
+    log.start(last_epoch=0)
+    for epoch in (1, 2):
+        log.batch(epoch, 1, 0.5, 0.9, 1.0, 1e-3)
+        log.epoch({"epoch": epoch, "test_loss": 0.8, "pixel_accuracy": 0.5, "mean_iou": 0.3, "mean_dice": 0.4})
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    RunLog(run, "raypets").start(last_epoch=1)  # resumed from epoch 1's checkpoint, on another node
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
+    assert storage.read_text(storage.join(run, "raypets_train.txt")).splitlines() == \
+        [TRAIN_HEADER, "1 1 0.500 0.900000 1.000000 0.001"]
+
+
+def test_a_run_at_a_uri_resolves_to_its_best_checkpoint(bucket, tmp_path):
+    run = tmp_path / "run"
+    states = {epoch: _ray_checkpoint(run / RAY_RUN_NAME / f"checkpoint_00000{epoch}", epoch, seed=epoch)
+              for epoch in (1, 2)}
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "mean_dice": d}) + "\n"
+                                               for e, d in ((1, 0.7), (2, 0.5))))
+    uri = bucket.uri("resolve/run")
+    storage.upload(run, uri)
+    checkpoint = resolve_checkpoint(uri)
+    assert checkpoint.epoch == 1
+    assert checkpoint.uri == storage.join(uri, RAY_RUN_NAME, "checkpoint_000001", "model_checkpoint_1.pt")
+    weights = load_model(checkpoint).state_dict()
+    assert all(weights[k].equal(v) for k, v in states[1].items())
+    with pytest.raises(UserError, match="checkpoint does not exist"):
+        resolve_checkpoint(bucket.uri("resolve/none"))
+
+
+def test_a_missing_data_uri_and_unsupported_uses_are_one_clear_message(bucket, tmp_path, capsys):
+    missing = bucket.uri("nothing/here")
+    assert main(["train", "--data", missing, "--run-dir", bucket.uri("nothing/run")]) == 2
+    assert f"raypets: error: {missing}: prepared data folder does not exist" in capsys.readouterr().err
+    assert main(["tune", "--data", missing, "--space", "tune_configs/lr_sweep.yaml", "--run-dir", str(tmp_path)]) == 2
+    assert f"--data {missing}: object-store URIs are not supported by raypets tune yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", missing, str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert f"argument src: {missing}: takes a local path, not a URI" in capsys.readouterr().err
+
+
+def test_prepare_train_and_predict_through_s3(bucket, tmp_path, ray_local, capsys):
+    raw = tmp_path / "raw"
+    shards, run, predicted = (bucket.uri(f"e2e/{name}") for name in ("shards", "run", "predicted"))
+    assert main(["synth", str(raw), "--n", "16", "--size", "64x48"]) == 0
+    assert main(["prepare", str(raw), shards, "--size", "32", "--test-fraction", "0.25", "--no-progress"]) == 0
+    assert storage.entries(shards) == {"train", "test", "manifest.json"}
+
+    assert main(["train", "--data", shards, "--run-dir", run, "--epochs", "1", "--workers", "1", "--batch-size", "4",
+                 "--test-batch-size", "4", "--warmup-steps", "2", "--no-progress"]) == 0
+    assert {"raypets_train.txt", "raypets_test.txt", "metrics.jsonl", "loss.png", "dice.png", "checkpoints",
+            RAY_RUN_NAME} <= storage.entries(run)
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
+    assert storage.is_file(storage.join(run, "checkpoints", "model_checkpoint_1.pt"))
+    assert f"checkpoint {run.split('?')[0]}/{RAY_RUN_NAME}/checkpoint_" in capsys.readouterr().out
+
+    assert main(["predict", "--checkpoint", run, str(raw / "images"), predicted, "--size", "32", "--cpu",
+                 "--workers", "1", "--no-progress"]) == 0
+    assert storage.entries(predicted) == {"output_1.h5", "predictions.h5", "errors.csv"}
+    local = storage.cached(predicted)
+    with h5py.File(local / "predictions.h5") as h5:
+        assert len(h5) == 16 and h5["Abyssinian_1.jpg"].shape == (3, 32, 32)
+        assert h5.attrs["checkpoint"].startswith(f"{run.split('?')[0]}/{RAY_RUN_NAME}/checkpoint_")
+    assert main(["predict", "--checkpoint", run, str(raw / "images"), predicted, "--size", "32"]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
