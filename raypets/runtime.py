@@ -58,17 +58,20 @@ def set_progress_bars(enabled: bool) -> None:
 
 
 @contextmanager
-def worker_side_progress() -> Iterator[None]:
-    """Datasets made inside log their progress where they run (Ray Train's workers) instead of sending progress
-    bars to the driver, which draws none without tqdm and says so: a Dataset keeps the DataContext it was made with."""
+def data_context(**settings) -> Iterator[None]:
+    """Datasets made inside keep these ``DataContext`` settings wherever they run (a Dataset keeps the context it
+    was made with); the current context gets its own values back afterwards."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    saved, context.use_ray_tqdm = context.use_ray_tqdm, False
+    saved = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
     try:
         yield
     finally:
-        context.use_ray_tqdm = saved
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def cpu_share(workers: int) -> float:

@@ -32,7 +32,7 @@ from raypets.metrics import ConfusionMatrix
 from raypets.model import build_network, check_image_size, count_parameters, to_inputs
 from raypets.report import plot_curves
 from raypets.runlog import RunLog, read_metrics
-from raypets.runtime import cpu_share, init_ray, use_gpus, worker_side_progress
+from raypets.runtime import cpu_share, data_context, init_ray, use_gpus
 from raypets.storage import Location
 
 COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels counts as a collapse
@@ -351,7 +351,8 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
 def load_datasets(data: Location) -> dict:
     """Both splits of the prepared ``data`` read once into Ray's object store (spilled to disk when large), so that
     the epochs re-read no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
-    with worker_side_progress():
+    # Progress logged where the epochs iterate them, not sent as bars to the driver (which draws none without tqdm).
+    with data_context(use_ray_tqdm=False):
         return {split: open_split(data, split, columns=["image", "mask"]).materialize()
                 for split in ("train", "test")}
 
