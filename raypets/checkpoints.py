@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
@@ -77,6 +77,12 @@ def resolve_checkpoint(path: Location) -> Checkpoint:
         return _from_run(path)
     raise UserError(f"{path}: not a checkpoint (a model_checkpoint_<epoch>.pt, a Ray checkpoint folder with "
                     f"{STATE_FILE}, a training run folder or a sweep's best.json)")
+
+
+def ray_checkpoint(run_dir: Location, ray_path: str, ray_run_name: str = RAY_RUN_NAME) -> Location:
+    """The checkpoint folder Ray reports by its path on the run's storage filesystem (for a bucket: without scheme
+    or query) as a location of the run: that same folder for a local run, a URI in the run's URI otherwise."""
+    return storage.join(run_dir, ray_run_name, PurePosixPath(ray_path).name)
 
 
 def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Module:

@@ -159,10 +159,6 @@ def _tune(args: argparse.Namespace) -> int:
     from raypets.sweep_config import load_sweep
     from raypets.tune import saved_sweep, tune
 
-    for flag, value in (("--data", args.data), ("--run-dir", args.run_dir)):
-        if storage.is_uri(value):
-            raise UserError(f"{flag} {value}: object-store URIs are not supported by raypets tune yet; use a "
-                            "shared file system (see the README's cluster section)")
     if args.space is not None and args.data is not None:
         sweep = load_sweep(args.space, args.data, samples=args.samples, workers=args.workers_per_trial,
                            gpus_per_worker=args.gpus_per_worker)
@@ -178,7 +174,8 @@ def _tune(args: argparse.Namespace) -> int:
     if best:
         print(f"best: trial {best['trial_id']} {best['params']}, {best['metric']} {best['value']:.4f} at epoch "
               f"{best['epoch']}; checkpoint {best['checkpoint']}")
-    print(f"wrote {args.run_dir / 'trials.csv'}" + (f", {args.run_dir / 'best.json'}" if best else ""))
+    print(f"wrote {storage.join(args.run_dir, 'trials.csv')}" + (f", {storage.join(args.run_dir, 'best.json')}"
+                                                                   if best else ""))
     problems = [f"trial {trial} failed: {message}" for trial, message in summary["errors"]]
     if summary["unfinished"]:
         problems.append(f"the sweep was interrupted with {len(summary['unfinished'])} trial(s) unfinished")
@@ -298,10 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(func=_predict)
 
     sweep = commands.add_parser("tune", help="sweep hyperparameters with Ray Tune; each trial a raypets train run")
-    sweep.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), local")
+    sweep.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), a folder or a URI")
     sweep.add_argument("--space", type=_local, help="sweep file (tune_configs/*.yaml)")
     sweep.add_argument("--run-dir", type=storage.parse, required=True,
-                       help="local folder for the trials, trials.csv and best.json")
+                       help="folder or URI (s3://, gs://...) for the trials, trials.csv and best.json")
     sweep.add_argument("--samples", type=int, help="trials to sample (default: the file's samples)")
     sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
     sweep.add_argument("--gpus-per-worker", type=float, choices=[0, 1], help="0: CPU workers; 1: one GPU each "

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from raypets import storage
 from raypets.config import CLASS_NAMES, TRAIN_PATHS, TrainConfig
 from raypets.errors import UserError
+from raypets.storage import Location
 
 KEYS = ("metric", "mode", "samples", "search", "scheduler", "train", "space")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
@@ -56,7 +58,7 @@ class Sweep:
     def seed(self) -> int:
         return self.train.get("seed", TrainConfig.seed)
 
-    def trial_config(self, run_dir: Path, params: dict, *, resume: bool = False) -> TrainConfig:
+    def trial_config(self, run_dir: Location, params: dict, *, resume: bool = False) -> TrainConfig:
         """The TrainConfig of the trial with sampled ``params`` that trains into ``run_dir``."""
         return TrainConfig.from_dict({**self.train, **params, "run_dir": str(run_dir), "resume": resume})
 
@@ -64,7 +66,7 @@ class Sweep:
         return asdict(self)
 
 
-def load_sweep(path: Path, data: Path, *, samples: int | None = None, workers: int | None = None,
+def load_sweep(path: Path, data: Location, *, samples: int | None = None, workers: int | None = None,
                gpus_per_worker: float | None = None) -> Sweep:
     """Read and check the sweep file ``path``; the flags given override it. Any mistake is one UserError."""
     spec = _read(path)
@@ -86,7 +88,7 @@ def load_sweep(path: Path, data: Path, *, samples: int | None = None, workers: i
 
     train = {**SWEEP_DEFAULTS, **_settings(path, "train", spec.get("train") or {}), "data": str(data)}
     # Absolute: Tune runs each trial in a folder of its own.
-    train.update({key: str(Path(train[key]).resolve()) for key in TRAIN_PATHS if train.get(key)})
+    train.update({key: str(storage.absolute(storage.parse(train[key]))) for key in TRAIN_PATHS if train.get(key)})
     if workers is not None:
         train["workers"] = workers
     if gpus_per_worker is not None:

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import ray
 import ray.train
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raypets import storage
-from raypets.checkpoints import RAY_RUN_NAME, STATE_FILE
+from raypets.checkpoints import RAY_RUN_NAME, STATE_FILE, ray_checkpoint
 from raypets.config import PrepareConfig, TrainConfig
 from raypets.data.prepare import format_summary, prepare
 from raypets.data.shards import open_split, read_manifest
@@ -311,7 +311,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
             storage.upload(plot, storage.join(cfg.run_dir, plot.name))
     metrics = dict(result.metrics or {})
     if result.checkpoint is not None:  # Ray names it by its path in the bucket; say it as the run's URI
-        checkpoint = storage.join(cfg.run_dir, ray_run_name, PurePosixPath(result.checkpoint.path).name)
+        checkpoint = ray_checkpoint(cfg.run_dir, result.checkpoint.path, ray_run_name)
         metrics["checkpoint"] = str(checkpoint)
         metrics["model_checkpoint"] = str(storage.join(checkpoint, f"model_checkpoint_{metrics['epoch']}.pt"))
     return metrics

@@ -1,5 +1,6 @@
 """Hyperparameter sweeps with Ray Tune: each trial fits the same ``TorchTrainer`` as ``raypets train``.
 
+``RUN`` and ``--data`` may be local folders or object-store URIs (``s3://...``), like ``raypets train``'s.
 A trial is a Tune function trainable that builds its ``TrainConfig`` from the sweep and its sampled settings and calls
 :func:`raypets.train.train` with ``TuneReportCallback`` (the Train V2 pattern). What a sweep leaves in ``RUN``:
 
@@ -11,20 +12,24 @@ A trial is a Tune function trainable that builds its ``TrainConfig`` from the sw
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePosixPath
 
 import ray
 import ray.tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raypets.checkpoints import RAY_RUN_NAME, resolve_checkpoint
+from raypets import storage
+from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, resolve_checkpoint
 from raypets.data.shards import read_manifest
 from raypets.errors import UserError
 from raypets.report import plot_metric_vs_lr
 from raypets.runtime import init_ray, set_progress_bars, use_gpus
+from raypets.storage import Location
 from raypets.sweep_config import Sweep
 from raypets.train import load_datasets, train, worker_resources
 
@@ -44,18 +49,19 @@ def run_trial(params: dict, *, sweep: dict, run_dir: str, datasets: dict, progre
     from ray.tune.integration.ray_train import TuneReportCallback
 
     set_progress_bars(progress)
-    trial_dir = Path(run_dir) / TRIALS / ray.tune.get_context().get_trial_id()
-    checkpoints = trial_dir / RAY_RUN_NAME
-    cfg = Sweep(**sweep).trial_config(trial_dir, params, resume=checkpoints.exists())
-    before = set(checkpoints.glob("checkpoint_*"))
+    trial_dir = storage.join(storage.parse(run_dir), TRIALS, ray.tune.get_context().get_trial_id())
+    checkpoints = storage.join(trial_dir, RAY_RUN_NAME)
+    cfg = Sweep(**sweep).trial_config(trial_dir, params, resume=storage.exists(checkpoints))
+    before = storage.entries(checkpoints)
     final = train(cfg, callbacks=[TuneReportCallback()], datasets=datasets)
-    if not set(checkpoints.glob("checkpoint_*")) - before and "checkpoint" in final:
+    if not any(name.startswith("checkpoint_") for name in storage.entries(checkpoints) - before) \
+            and "checkpoint" in final:
         # Interrupted after its last epoch was saved but before Tune heard of it: nothing was left to train.
         ray.tune.report({**{k: v for k, v in final.items() if k not in ("checkpoint", "model_checkpoint")},
                          "checkpoint_path": final["checkpoint"]})
 
 
-def tune(sweep: Sweep, run_dir: Path, *, resume: bool = False, address: str | None = None,
+def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str | None = None,
          max_concurrent: int | None = None, callbacks: list | None = None, progress: bool = True) -> dict:
     """Run (or with ``resume``, continue) ``sweep`` into ``run_dir``; write the table, best.json and the plot.
 
@@ -63,20 +69,23 @@ def tune(sweep: Sweep, run_dir: Path, *, resume: bool = False, address: str | No
     "errors": [(trial_id, message)], "unfinished": [trial_id]}``. ``callbacks`` are Tune callbacks; Tune saves them
     with the sweep, so a resumed sweep runs them again.
     """
-    run_dir = run_dir.resolve()
+    run_dir = storage.absolute(run_dir)
     if resume and max_concurrent is not None:
         raise UserError("--max-concurrent applies to a new sweep; a resumed sweep keeps the limit it started with")
     check_run_dir(sweep, run_dir, resume)
-    read_manifest(Path(sweep.train["data"]))
+    data = storage.parse(sweep.train["data"])
+    read_manifest(data)
+    storage.check_bucket(run_dir)
     init_ray(address)
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
-                                         datasets=load_datasets(sweep.train["data"]), progress=progress)
+                                         datasets=load_datasets(data), progress=progress)
+    filesystem, storage_path = storage.filesystem(run_dir)  # Tune keeps its experiment at a URI itself
     if resume:
-        tuner = ray.tune.Tuner.restore(str(run_dir / EXPERIMENT), trainable=trainable, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(str(PurePosixPath(storage_path, EXPERIMENT)), trainable=trainable,
+                                       resume_errored=True, storage_filesystem=filesystem)
     else:
         concurrent = max_concurrent or default_concurrency(sweep)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SWEEP_FILE).write_text(json.dumps(sweep.to_dict(), indent=2) + "\n")
+        storage.write_text(storage.join(run_dir, SWEEP_FILE), json.dumps(sweep.to_dict(), indent=2) + "\n")
         print(f"raypets tune: {describe(sweep)}; up to {concurrent} trial(s) at once; results in {run_dir}", flush=True)
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space(sweep),
@@ -84,35 +93,37 @@ def tune(sweep: Sweep, run_dir: Path, *, resume: bool = False, address: str | No
                 metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples, scheduler=_scheduler(sweep),
                 search_alg=_searcher(sweep, concurrent), trial_dirname_creator=_trial_dirname,
                 max_concurrent_trials=concurrent if sweep.search == "optuna" else None),
-            run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks,
+            run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, storage_filesystem=filesystem,
+                                          callbacks=callbacks,
                                           failure_config=ray.tune.FailureConfig(max_failures=0)),
         )
     return summarize(tuner.fit(), sweep, run_dir)
 
 
-def check_run_dir(sweep: Sweep, run_dir: Path, resume: bool) -> None:
+def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
     """A new sweep needs a RUN without one; ``resume`` needs the same sweep there."""
-    saved = run_dir / SWEEP_FILE
+    saved = storage.join(run_dir, SWEEP_FILE)
     if not resume:
-        if saved.exists() or (run_dir / EXPERIMENT).exists():
+        if storage.exists(saved) or storage.exists(storage.join(run_dir, EXPERIMENT)):
             raise UserError(f"{run_dir}: holds a sweep already; pass --resume to continue it, or choose another "
                             "--run-dir")
         return
-    if not saved.is_file() or not ray.tune.Tuner.can_restore(str(run_dir / EXPERIMENT)):
+    filesystem, path = storage.filesystem(storage.join(run_dir, EXPERIMENT))
+    if not storage.is_file(saved) or not ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} and {EXPERIMENT}/ there)")
-    before = json.loads(saved.read_text())
+    before = json.loads(storage.read_text(saved))
     changed = sorted(key for key, value in json.loads(json.dumps(sweep.to_dict())).items() if before.get(key) != value)
     if changed:
         raise UserError(f"{run_dir}: --resume continues the sweep saved in {saved}; this one differs in "
                         f"{', '.join(changed)} (start it in another --run-dir)")
 
 
-def saved_sweep(run_dir: Path) -> Sweep:
+def saved_sweep(run_dir: Location) -> Sweep:
     """The sweep ``raypets tune`` started in ``run_dir``."""
-    saved = run_dir / SWEEP_FILE
-    if not saved.is_file():
+    saved = storage.join(run_dir, SWEEP_FILE)
+    if not storage.is_file(saved):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} there)")
-    return Sweep(**json.loads(saved.read_text()))
+    return Sweep(**json.loads(storage.read_text(saved)))
 
 
 def param_space(sweep: Sweep) -> dict:
@@ -161,24 +172,28 @@ def _trial_dirname(trial) -> str:
 
 # --- results ---------------------------------------------------------------------------------------------------
 
-def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Path) -> dict:
+def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> dict:
     """Rank the trials (best first, trials without a value last); write ``trials.csv``, ``best.json``, the plot."""
     # Each trial's status as Tune saved it (a restored trial's last result no longer says whether it finished).
-    status = {t.trial_id: t.status for t in ray.tune.ExperimentAnalysis(results.experiment_path).trials}
-    rows = sorted((_row(result, sweep, status) for result in results),
+    analysis = ray.tune.ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
+    status = {t.trial_id: t.status for t in analysis.trials}
+    rows = sorted((_row(result, sweep, status, run_dir) for result in results),
                   key=lambda r: _rank_key(r[sweep.metric], sweep.mode))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     columns = ["rank", "trial_id", *sweep.space, sweep.metric, "best_epoch", "epochs_run", "stopped_early", "status",
                "checkpoint"]
-    with (run_dir / "trials.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(run_dir, "trials.csv"), table.getvalue())
     scored = [r for r in rows if not math.isnan(r[sweep.metric])]
     if scored:
-        plot_metric_vs_lr([(r["lr"], r[sweep.metric], r["stopped_early"]) for r in scored], sweep.metric,
-                          run_dir / f"{sweep.metric}_vs_lr.png")
+        with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in RUN (or at its URI)
+            plot = plot_metric_vs_lr([(r["lr"], r[sweep.metric], r["stopped_early"]) for r in scored], sweep.metric,
+                                     Path(folder, f"{sweep.metric}_vs_lr.png"))
+            storage.upload(plot, storage.join(run_dir, plot.name))
     return {"rows": rows, "best": _write_best(scored[0], sweep, run_dir) if scored else None,
             "table": format_table(rows, columns[:-1]),
             "errors": [(r["trial_id"], r["error"]) for r in rows if r["status"] == "error"],
@@ -189,7 +204,7 @@ def _rank_key(value: float, mode: str) -> tuple:
     return (True, 0.0) if math.isnan(value) else (False, -value if mode == "max" else value)
 
 
-def _row(result: ray.tune.Result, sweep: Sweep, status: dict[str, str]) -> dict:
+def _row(result: ray.tune.Result, sweep: Sweep, status: dict[str, str], run_dir: Location) -> dict:
     """One trial: its sampled settings, its best reported metric (and that epoch's checkpoint), how far it ran."""
     params = {key: result.config[key] for key in sweep.space}
     history = result.metrics_dataframe
@@ -200,30 +215,36 @@ def _row(result: ray.tune.Result, sweep: Sweep, status: dict[str, str]) -> dict:
     saved = [r for r in scored if isinstance(r.get("checkpoint_path"), str)]
     best_saved = pick(saved, key=lambda r: r[sweep.metric]) if saved else {}
     epochs_run = int(max((r["epoch"] for r in reported), default=0))
-    trial_id = Path(result.path).name
+    trial_id = PurePosixPath(result.path).name
     state = {"TERMINATED": "done", "ERROR": "error"}.get(status.get(trial_id), "unfinished")
     return {"trial_id": trial_id, **params, "params": params,
             "lr": sweep.trial_config(Path("RUN"), params).lr,
             sweep.metric: best.get(sweep.metric, math.nan), "best_epoch": best.get("epoch"),
             "epochs_run": epochs_run, "stopped_early": state == "done" and epochs_run < sweep.epochs,
-            "status": state, "checkpoint": best_saved.get("checkpoint_path"),
+            "status": state, "checkpoint": _checkpoint(run_dir, trial_id, best_saved.get("checkpoint_path")),
             "error": str(result.error).strip().splitlines()[-1] if result.error else None}
+
+
+def _checkpoint(run_dir: Location, trial_id: str, reported: str | None) -> str | None:
+    """The checkpoint folder a trial reported, in RUN (a URI for a sweep at a URI; Ray reports bucket paths)."""
+    return str(ray_checkpoint(storage.join(run_dir, TRIALS, trial_id), reported)) if reported else None
 
 
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _write_best(row: dict, sweep: Sweep, run_dir: Path) -> dict:
+def _write_best(row: dict, sweep: Sweep, run_dir: Location) -> dict:
     """best.json: the best trial, its full TrainConfig, and its checkpoint with the best metric."""
-    trial_dir = run_dir / TRIALS / row["trial_id"]
+    trial_dir = storage.join(run_dir, TRIALS, row["trial_id"])
     checkpoint = resolve_checkpoint(row["checkpoint"]) if row["checkpoint"] else None
     best = {"metric": sweep.metric, "mode": sweep.mode, "value": row[sweep.metric], "trial_id": row["trial_id"],
             "epoch": row["best_epoch"], "params": row["params"],
             "config": sweep.trial_config(trial_dir, row["params"]).to_dict(), "checkpoint": row["checkpoint"],
             "checkpoint_epoch": checkpoint.epoch if checkpoint else None,
-            "model_checkpoint": str(checkpoint.weights) if checkpoint else None, "run_dir": str(trial_dir)}
-    (run_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+            "model_checkpoint": (checkpoint.uri or str(checkpoint.weights)) if checkpoint else None,
+            "run_dir": str(trial_dir)}
+    storage.write_text(storage.join(run_dir, "best.json"), json.dumps(best, indent=2) + "\n")
     return best
 
 

@@ -1,4 +1,5 @@
-"""Object-store URIs: :mod:`raypets.storage`, then prepare, train and predict against a real S3 server (moto).
+"""Object-store URIs: :mod:`raypets.storage`, then prepare, tune (each trial a train run) and predict against a
+real S3 server (moto).
 
 The URIs carry the endpoint and credentials (``s3://KEY:SECRET@bucket/key?endpoint_override=...&scheme=http``):
 Ray's workers were started before this server, without its environment, and still reach it that way.
@@ -136,39 +137,57 @@ def test_a_run_at_a_uri_resolves_to_its_best_checkpoint(bucket, tmp_path):
         resolve_checkpoint(bucket.uri("resolve/none"))
 
 
-def test_a_missing_data_uri_and_unsupported_uses_are_one_clear_message(bucket, tmp_path, capsys):
+def test_a_missing_data_uri_and_local_only_arguments_are_one_clear_message(bucket, tmp_path, capsys):
     missing = bucket.uri("nothing/here")
     assert main(["train", "--data", missing, "--run-dir", bucket.uri("nothing/run")]) == 2
     assert f"raypets: error: {missing}: prepared data folder does not exist" in capsys.readouterr().err
     assert main(["tune", "--data", missing, "--space", "tune_configs/lr_sweep.yaml", "--run-dir", str(tmp_path)]) == 2
-    assert f"--data {missing}: object-store URIs are not supported by raypets tune yet" in capsys.readouterr().err
+    assert f"raypets: error: {missing}: prepared data folder does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", missing, str(tmp_path / "out")])
     assert exit_.value.code == 2
     assert f"argument src: {missing}: takes a local path, not a URI" in capsys.readouterr().err
 
 
-def test_prepare_train_and_predict_through_s3(bucket, tmp_path, ray_local, capsys):
+def test_prepare_tune_and_predict_through_s3(bucket, tmp_path, ray_local, capsys):
+    """Every stage at URIs: the sweep's one trial is a ``raypets train`` run in the bucket (one trial keeps it short:
+    each costs a Train run's start)."""
     raw = tmp_path / "raw"
-    shards, run, predicted = (bucket.uri(f"e2e/{name}") for name in ("shards", "run", "predicted"))
+    shards, sweep, predicted = (bucket.uri(f"e2e/{name}") for name in ("shards", "sweep", "predicted"))
     assert main(["synth", str(raw), "--n", "16", "--size", "64x48"]) == 0
     assert main(["prepare", str(raw), shards, "--size", "32", "--test-fraction", "0.25", "--no-progress"]) == 0
     assert storage.entries(shards) == {"train", "test", "manifest.json"}
 
-    assert main(["train", "--data", shards, "--run-dir", run, "--epochs", "1", "--workers", "1", "--batch-size", "4",
-                 "--test-batch-size", "4", "--warmup-steps", "2", "--no-progress"]) == 0
+    space = tmp_path / "space.yaml"
+    space.write_text("train: {epochs: 1, batch_size: 4, test_batch_size: 4, warmup_steps: 2}\n"
+                     "space: {lr: {grid: [0.001]}}\n")
+    tune = ["tune", "--data", shards, "--space", str(space), "--run-dir", sweep, "--no-progress"]
+    assert main(tune) == 0
+    assert {"sweep.json", "tune", "trials", "trials.csv", "best.json", "mean_dice_vs_lr.png"} <= storage.entries(sweep)
+    best = json.loads(storage.read_text(storage.join(sweep, "best.json")))
+    run = storage.join(sweep, "trials", best["trial_id"])
+    assert best["run_dir"] == run
     assert {"raypets_train.txt", "raypets_test.txt", "metrics.jsonl", "loss.png", "dice.png", "checkpoints",
             RAY_RUN_NAME} <= storage.entries(run)
     assert [m["epoch"] for m in read_metrics(run)] == [1]
     assert storage.is_file(storage.join(run, "checkpoints", "model_checkpoint_1.pt"))
-    assert f"checkpoint {run.split('?')[0]}/{RAY_RUN_NAME}/checkpoint_" in capsys.readouterr().out
+    checkpoint = f"{run.split('?')[0]}/{RAY_RUN_NAME}/checkpoint_"
+    assert best["checkpoint"].startswith(checkpoint) and best["checkpoint"].endswith("?" + sweep.split("?")[1])
+    assert best["model_checkpoint"] == str(storage.join(best["checkpoint"], "model_checkpoint_1.pt"))
+    assert f"checkpoint {checkpoint}" in capsys.readouterr().out
+    table = storage.read_text(storage.join(sweep, "trials.csv"))
+    assert main(tune) == 2
+    assert f"{sweep}: holds a sweep already; pass --resume" in capsys.readouterr().err
+    assert main(["tune", "--run-dir", sweep, "--resume", "--no-progress"]) == 0  # Tune's experiment read back
+    assert storage.read_text(storage.join(sweep, "trials.csv")) == table
 
-    assert main(["predict", "--checkpoint", run, str(raw / "images"), predicted, "--size", "32", "--cpu",
+    best_json = storage.join(sweep, "best.json")
+    assert main(["predict", "--checkpoint", best_json, str(raw / "images"), predicted, "--size", "32", "--cpu",
                  "--workers", "1", "--no-progress"]) == 0
     assert storage.entries(predicted) == {"output_1.h5", "predictions.h5", "errors.csv"}
     local = storage.cached(predicted)
     with h5py.File(local / "predictions.h5") as h5:
         assert len(h5) == 16 and h5["Abyssinian_1.jpg"].shape == (3, 32, 32)
-        assert h5.attrs["checkpoint"].startswith(f"{run.split('?')[0]}/{RAY_RUN_NAME}/checkpoint_")
-    assert main(["predict", "--checkpoint", run, str(raw / "images"), predicted, "--size", "32"]) == 2
+        assert h5.attrs["checkpoint"].startswith(checkpoint)
+    assert main(["predict", "--checkpoint", best_json, str(raw / "images"), predicted, "--size", "32"]) == 2
     assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
