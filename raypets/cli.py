@@ -25,7 +25,7 @@ def _local(text: str) -> Path:
     """A path that must be local: a URI here is one clear error naming the argument."""
     if storage.is_uri(text):
         raise argparse.ArgumentTypeError(f"{text}: takes a local path, not a URI (URIs are for prepare's OUT, "
-                                         "--data, train's --run-dir, --checkpoint and predict's OUTPUT)")
+                                         "--data, --run-dir, --checkpoint and predict's OUTPUT)")
     return Path(text)
 
 
