@@ -92,13 +92,13 @@ def ray_prepare(src: Path, out: Path, cpus: int) -> dict:
     ray_start = time.perf_counter() - start
     set_progress_bars(False)
     runs = []
-    for attempt in ("cold", "warm"):  # cold: Ray starts the worker processes; warm: a cluster already running
+    for attempt in ("cold", "warm1", "warm2"):  # cold: Ray starts the worker processes; warm: a cluster running
         start = time.perf_counter()
         manifest = prepare(PrepareConfig(src, out / attempt, size=SIZE))
         runs.append(time.perf_counter() - start)
     ray.shutdown()
-    return {"seconds": runs[0], "warm_seconds": runs[1], "ray_start": ray_start,
-            "pairs": sum(manifest["counts"].values())}
+    return {"seconds": runs[0], "warm_seconds": (runs[1] + runs[2]) / 2, "warm_runs": runs[1:],
+            "ray_start": ray_start, "pairs": sum(manifest["counts"].values())}
 
 
 def child(kind: str, src: Path, out: Path, cpus: int) -> None:
@@ -139,11 +139,14 @@ def main() -> None:
         return child(args.child, args.src, args.out, args.cpus)
 
     big, small = dataset(args.root, args.n), dataset(args.root, args.small)
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = run_child("plain", big, Path(tmp) / "plain", args.cpus)
+    with tempfile.TemporaryDirectory() as tmp:  # the plain loop before and after: this machine's speed drifts
+        before = run_child("plain", big, Path(tmp) / "plain-before", args.cpus)
         pool = run_child("pool", big, Path(tmp) / "pool", args.cpus)
         ray_big = run_child("ray", big, Path(tmp) / "ray-big", args.cpus)
         ray_small = run_child("ray", small, Path(tmp) / "ray-small", args.cpus)
+        after = run_child("plain", big, Path(tmp) / "plain-after", args.cpus)
+    plain = {**before, "seconds": (before["seconds"] + after["seconds"]) / 2,
+             "peak_rss_mb": max(before["peak_rss_mb"], after["peak_rss_mb"])}
     plain_ips = plain["pairs"] / plain["seconds"]
     pool_ips = pool["pairs"] / pool["seconds"]
     ray_ips = ray_big["pairs"] / ray_big["seconds"]
@@ -157,13 +160,15 @@ def main() -> None:
 
 | run | pairs | seconds | pairs/s | driver peak RSS |
 |---|---|---|---|---|
-| plain loop (1 process, same decode + resize + pyarrow write) | {plain['pairs']} | {plain['seconds']:.1f} | \
-{plain_ips:.1f} | {plain['peak_rss_mb']:.0f} MB |
+| plain loop (1 process, same decode + resize + pyarrow write; mean of {before['seconds']:.1f} s before and \
+{after['seconds']:.1f} s after) | {plain['pairs']} | {plain['seconds']:.1f} | {plain_ips:.1f} | \
+{plain['peak_rss_mb']:.0f} MB |
 | ceiling: the same loop split over {args.cpus} forked processes | {pool['pairs']} | {pool['seconds']:.1f} | \
 {pool_ips:.1f} | |
 | `prepare` on Ray Data, {args.cpus} CPUs, first run (Ray starts its workers) | {ray_big['pairs']} | \
 {ray_big['seconds']:.1f} | {ray_ips:.1f} | {ray_big['peak_rss_mb']:.0f} MB |
-| `prepare` again on the same Ray (warm workers, as on a running cluster) | {ray_big['pairs']} | \
+| `prepare` again on the same Ray (warm workers, as on a running cluster; mean of \
+{' s and '.join(f'{s:.1f}' for s in ray_big['warm_runs'])} s) | {ray_big['pairs']} | \
 {ray_big['warm_seconds']:.1f} | {warm_ips:.1f} | |
 | `prepare`, including `ray.init` ({ray_big['ray_start']:.1f} s) | {ray_big['pairs']} | \
 {ray_big['seconds'] + ray_big['ray_start']:.1f} | {ray_ips_start:.1f} | |

@@ -11,6 +11,7 @@ from conftest import random_pair, save_image
 
 from raypets.cli import main
 from raypets.config import PrepareConfig
+from raypets.data import prepare as prepare_module
 from raypets.data.decode import decode_image, decode_mask, resize_image, resize_mask
 from raypets.data.prepare import hash_split, prepare
 from raypets.data.shards import load_split, read_manifest
@@ -71,13 +72,17 @@ def oxford(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def defective(tmp_path_factory, ray_local) -> tuple[Path, Path, dict]:
-    """An oxford folder with every defect, prepared once (with an rmldnn export)."""
+    """An oxford folder with every defect, prepared once (with an rmldnn export) in 5 Ray tasks, as a large set is:
+    each split's rows are spread over several tasks, some with a skipped pair among them."""
     root = tmp_path_factory.mktemp("defective")
     src = root / "pets"
     synthesize(src, n=24, size=(48, 40), seed=3)
     expected = add_defects(src)
     out = root / "shards"
-    prepare(PrepareConfig(src, out, size=SIZE, test_fraction=0.25, export_rmldnn=root / "rmldnn"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_module, "_task_count", lambda pairs, cpus: 5)
+        prepare(PrepareConfig(src, out, size=SIZE, test_fraction=0.25, export_rmldnn=root / "rmldnn"))
+    assert len(list((out / "train").glob("*.parquet"))) >= 4
     return src, out, expected
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections import Counter
 from collections.abc import Iterable
@@ -117,15 +118,15 @@ class _ShardSink(Datasink):
         self.class_pixels = {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
 
     def write(self, blocks: Iterable[Block], ctx: TaskContext) -> tuple[list[dict], dict]:
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         filesystem, root = storage.filesystem(self.out)
         rows, pixels = [], {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
         for index, block in enumerate(blocks):
             table = BlockAccessor.for_block(block).to_arrow()
+            splits = table["split"].to_numpy(zero_copy_only=False)
             for split in SPLITS:
-                part = table.filter(pc.equal(table["split"], split))
+                part = _rows(table, np.flatnonzero(splits == split))
                 if part.num_rows:
                     path = f"{root}/{split}/part-{ctx.task_idx:05d}-{index:03d}.parquet"
                     if filesystem is None:
@@ -140,6 +141,14 @@ class _ShardSink(Datasink):
             self.rows += rows
             for split in SPLITS:
                 self.class_pixels[split] += pixels[split]
+
+
+def _rows(table, indices: np.ndarray):
+    """The rows of ``table`` at ``indices``: a zero-copy slice when they follow each other (the pairs come sorted by
+    split, so a block's rows of a split are one run unless a skipped pair breaks it)."""
+    if len(indices) and indices[-1] - indices[0] + 1 == len(indices):
+        return table.slice(int(indices[0]), len(indices))
+    return table.take(indices)
 
 
 def _assign_splits(cfg: PrepareConfig, found: Discovery) -> tuple[list[Pair], list[Skip]]:
@@ -171,11 +180,13 @@ def _with_split(pair: Pair, split: str) -> Pair:
 def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], export: Path | None):
     import ray
 
-    rows = [{"name": p.name, "image_path": p.image, "mask_path": p.mask, "split": p.split} for p in pairs]
-    items = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // _BATCH, 400)))
+    rows = [{"name": p.name, "image_path": p.image, "mask_path": p.mask, "split": p.split}
+            for p in sorted(pairs, key=lambda p: p.split)]  # stable: listing order within a split
+    # Each block is one task that decodes it in one call and writes it.
+    items = ray.data.from_items(rows, override_num_blocks=_task_count(len(rows), ray.cluster_resources().get("CPU", 1)))
     return items.map_batches(
         _decode_batch,
-        batch_size=_BATCH,
+        batch_size=None,
         fn_kwargs={
             "src": str(cfg.src),
             "size": cfg.size,
@@ -186,7 +197,13 @@ def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], exp
     )
 
 
-_BATCH = 64
+def _task_count(pairs: int, cpus: float) -> int:
+    """Tasks of 64 to 256 pairs, about 4 per CPU: starting a task costs ~0.15 s here, and a few per CPU keep every
+    CPU busy to the end (2,000 pairs on 2 CPUs: 64-pair tasks took 14 s, 250-pair tasks 11.5 s)."""
+    smallest, largest, per_cpu = 64, 256, 4
+    return max(math.ceil(pairs / largest), min(math.ceil(pairs / smallest), per_cpu * max(1, int(cpus))))
+
+
 _META_COLUMNS = ["name", "split", "image_path", "repair", "skip_file", "reason", "detail", "partner"]
 
 
