@@ -72,15 +72,15 @@ def oxford(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def defective(tmp_path_factory, ray_local) -> tuple[Path, Path, dict]:
-    """An oxford folder with every defect, prepared once (with an rmldnn export) in 5 Ray tasks, as a large set is:
-    each split's rows are spread over several tasks, some with a skipped pair among them."""
+    """An oxford folder with every defect, prepared once (with an rmldnn export) in tasks of 6 pairs, as a large set
+    is: each split's rows are spread over several tasks, some with a skipped pair among them."""
     root = tmp_path_factory.mktemp("defective")
     src = root / "pets"
     synthesize(src, n=24, size=(48, 40), seed=3)
     expected = add_defects(src)
     out = root / "shards"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prepare_module, "_task_count", lambda pairs, cpus: 5)
+        patch.setattr(prepare_module, "PAIRS_PER_TASK", 6)
         prepare(PrepareConfig(src, out, size=SIZE, test_fraction=0.25, export_rmldnn=root / "rmldnn"))
     assert len(list((out / "train").glob("*.parquet"))) >= 4
     return src, out, expected
