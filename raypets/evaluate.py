@@ -56,7 +56,7 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
         raise UserError(f"{data}: {err}") from None
     model = load_model(resolved, network=network)  # a checkpoint that does not fit fails here, before any Ray work
     classes = list(manifest["classes"])
-    dataset = open_split(data, split, columns=["image", "mask"])
+    dataset = open_split(data, split, columns=["image", "mask"], manifest=manifest)
 
     init_ray(address)
     use_gpu = use_gpus(device, workers, "actor")

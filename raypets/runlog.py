@@ -2,13 +2,15 @@
 
 Written by rank 0 only. A resumed run first drops the lines of epochs after its checkpoint, so an epoch that was
 logged but not checkpointed before a crash is not logged twice. A run at a URI (``s3://...``) is logged in a local
-temp folder: the logs are downloaded at the start and uploaded after each epoch.
+temp folder: the logs are downloaded at the start and uploaded after each epoch; :meth:`RunLog.close` removes the
+folder.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +24,8 @@ TEST_HEADER = "# epoch test_loss pixel_accuracy mean_iou mean_dice"
 class RunLog:
     def __init__(self, run_dir: Location, name: str) -> None:
         self.run_dir = run_dir
-        folder = Path(tempfile.mkdtemp(prefix="raypets-log-")) if storage.is_uri(run_dir) else Path(run_dir)
+        self._temp = Path(tempfile.mkdtemp(prefix="raypets-log-")) if storage.is_uri(run_dir) else None
+        folder = self._temp or Path(run_dir)
         self.train = folder / f"{name}_train.txt"
         self.test = folder / f"{name}_test.txt"
         self.metrics = folder / "metrics.jsonl"
@@ -50,6 +53,11 @@ class RunLog:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in metrics.items()}) + "\n")
         self._sync()
+
+    def close(self) -> None:
+        """Remove the local folder of a run at a URI (everything in it was uploaded after the last epoch)."""
+        if self._temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
 
     def _sync(self, download: bool = False) -> None:
         """For a run at a URI: fetch the run's logs into the local folder, or upload them there."""

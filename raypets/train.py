@@ -153,6 +153,8 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if log:
+        log.close()
 
 
 def evaluate(model, test_data, cfg: TrainConfig, classes: list[str], device, use_gpu: bool, loss_fn, rank: int,
@@ -267,7 +269,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     """Fit the model with a ``TorchTrainer`` on ``cfg.workers`` workers and return the last epoch's metrics
     with ``checkpoint`` (the Ray checkpoint folder) and ``model_checkpoint`` (its plain state_dict file).
 
-    ``datasets``: ``load_datasets(cfg.data)`` done already (a sweep's trials share its one read).
+    ``datasets``: ``load_datasets(cfg.data, manifest)`` done already (a sweep's trials share its one read).
     """
     cfg = cfg.absolute()
     manifest = read_manifest(cfg.data)
@@ -295,7 +297,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg, use_gpu)),
-        datasets=datasets or load_datasets(cfg.data),
+        datasets=datasets or load_datasets(cfg.data, manifest),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks or [],
@@ -348,12 +350,12 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     ])
 
 
-def load_datasets(data: Location) -> dict:
-    """Both splits of the prepared ``data`` read once into Ray's object store (spilled to disk when large), so that
-    the epochs re-read no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
+def load_datasets(data: Location, manifest: dict) -> dict:
+    """Both splits of the prepared ``data`` (with its ``manifest``) read once into Ray's object store (spilled to disk
+    when large), so that the epochs re-read no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
     # Progress logged where the epochs iterate them, not sent as bars to the driver (which draws none without tqdm).
     with data_context(use_ray_tqdm=False):
-        return {split: open_split(data, split, columns=["image", "mask"]).materialize()
+        return {split: open_split(data, split, columns=["image", "mask"], manifest=manifest).materialize()
                 for split in ("train", "test")}
 
 

@@ -74,11 +74,11 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
         raise UserError("--max-concurrent applies to a new sweep; a resumed sweep keeps the limit it started with")
     check_run_dir(sweep, run_dir, resume)
     data = storage.parse(sweep.train["data"])
-    read_manifest(data)
+    manifest = read_manifest(data)
     storage.check_bucket(run_dir)
     init_ray(address)
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
-                                         datasets=load_datasets(data), progress=progress)
+                                         datasets=load_datasets(data, manifest), progress=progress)
     filesystem, storage_path = storage.filesystem(run_dir)  # Tune keeps its experiment at a URI itself
     if resume:
         tuner = ray.tune.Tuner.restore(str(PurePosixPath(storage_path, EXPERIMENT)), trainable=trainable,

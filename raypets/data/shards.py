@@ -37,13 +37,14 @@ def split_path(data: Location, split: str, manifest: dict | None = None) -> Loca
     return storage.join(data, split)
 
 
-def open_split(data: Location, split: str, columns: list[str] | None = None):
-    """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...)."""
+def open_split(data: Location, split: str, columns: list[str] | None = None, manifest: dict | None = None):
+    """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...);
+    ``manifest``: ``read_manifest(data)`` read already (each read is three requests at a URI)."""
     import ray
 
     from raypets.runtime import data_context
 
-    manifest = read_manifest(data)
+    manifest = manifest or read_manifest(data)
     path = split_path(data, split, manifest)
     if manifest["counts"][split] == 0:
         raise UserError(f"{data}: split {split!r} is empty")
