@@ -25,6 +25,7 @@ from torch import nn
 from raypets import storage
 from raypets.errors import UserError
 from raypets.model import build_network
+from raypets.runlog import read_metrics
 from raypets.storage import Location
 
 STATE_FILE = "train_state.pt"  # beside the weights in a Ray checkpoint folder: optimizer, epoch, RNG, config
@@ -127,13 +128,7 @@ def _from_run(run: Path) -> Checkpoint:
         folders[checkpoint.epoch] = checkpoint
     if not folders:
         raise UserError(f"{run}: the training run holds no checkpoint yet")
-    dice = {}
-    metrics = run / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        if line.strip():
-            record = json.loads(line)
-            if record.get("mean_dice") is not None:
-                dice[record["epoch"]] = record["mean_dice"]
+    dice = {record["epoch"]: record["mean_dice"] for record in read_metrics(run) if record.get("mean_dice") is not None}
     best = max(folders, key=lambda epoch: (dice.get(epoch, float("-inf")), epoch))
     return folders[best]
 

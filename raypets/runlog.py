@@ -61,7 +61,7 @@ class RunLog:
 
     def _sync(self, download: bool = False) -> None:
         """For a run at a URI: fetch the run's logs into the local folder, or upload them there."""
-        if not storage.is_uri(self.run_dir):
+        if not self._temp:
             return
         for path in (self.train, self.test, self.metrics):
             remote = storage.join(self.run_dir, path.name)

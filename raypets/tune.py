@@ -79,11 +79,12 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     init_ray(address)
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
                                          datasets=load_datasets(data, manifest), progress=progress)
-    filesystem, storage_path = storage.filesystem(run_dir)  # Tune keeps its experiment at a URI itself
-    if resume:
-        tuner = ray.tune.Tuner.restore(str(PurePosixPath(storage_path, EXPERIMENT)), trainable=trainable,
-                                       resume_errored=True, storage_filesystem=filesystem)
+    if resume:  # Tune keeps its experiment at a URI itself
+        filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
+        tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
+                                       storage_filesystem=filesystem)
     else:
+        filesystem, storage_path = storage.filesystem(run_dir)
         concurrent = max_concurrent or default_concurrency(sweep)
         storage.write_text(storage.join(run_dir, SWEEP_FILE), json.dumps(sweep.to_dict(), indent=2) + "\n")
         print(f"raypets tune: {describe(sweep)}; up to {concurrent} trial(s) at once; results in {run_dir}", flush=True)
@@ -108,8 +109,8 @@ def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
             raise UserError(f"{run_dir}: holds a sweep already; pass --resume to continue it, or choose another "
                             "--run-dir")
         return
-    filesystem, path = storage.filesystem(storage.join(run_dir, EXPERIMENT))
-    if not storage.is_file(saved) or not ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
+    if not storage.is_file(saved) or not ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} and {EXPERIMENT}/ there)")
     before = json.loads(storage.read_text(saved))
     changed = sorted(key for key, value in json.loads(json.dumps(sweep.to_dict())).items() if before.get(key) != value)

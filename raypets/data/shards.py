@@ -15,9 +15,9 @@ from raypets.storage import Location
 def read_manifest(data: Location) -> dict:
     """The manifest of a prepared folder (a path or a URI), or one clear error when ``data`` is not one."""
     path = storage.join(data, "manifest.json")
-    if not storage.is_dir(data):
-        raise UserError(f"{data}: prepared data folder does not exist")
-    if not storage.is_file(path):
+    if not storage.is_file(path):  # the folder is looked at only to say what is wrong
+        if not storage.is_dir(data):
+            raise UserError(f"{data}: prepared data folder does not exist")
         raise UserError(f"{data}: not a prepared dataset (no manifest.json); run `raypets prepare` first")
     try:
         manifest = json.loads(storage.read_text(path))
