@@ -66,8 +66,8 @@ def ray_predict(images: Path, small: Path, out: Path, checkpoint: Path, size: in
     two float32 runs gives the throughput of the running pipeline and the fixed cost of a call."""
     import ray
 
-    from raypets.predict import PredictConfig, predict
-    from raypets.runtime import set_progress_bars
+    from raypets.stages.predict import PredictConfig, predict
+    from raypets.stages.runtime import set_progress_bars
 
     start = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

@@ -33,7 +33,7 @@ def _convert(src: Path, out: Path, pairs: list, found, tag: str) -> None:
     from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray
 
     from raypets.data.decode import resize_image, resize_mask
-    from raypets.data.prepare import _load_pair, hash_split
+    from raypets.stages.prepare import _load_pair, hash_split
 
     rows: dict[str, list] = {"train": [], "test": []}
     written = 0
@@ -83,9 +83,8 @@ def plain_loop(src: Path, out: Path, processes: int) -> dict:
 def ray_prepare(src: Path, out: Path, cpus: int) -> dict:
     import ray
 
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import prepare
-    from raypets.runtime import set_progress_bars
+    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.stages.runtime import set_progress_bars
 
     start = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

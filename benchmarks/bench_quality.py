@@ -30,13 +30,13 @@ def main() -> None:
 
     import ray
 
-    from raypets.config import PrepareConfig, TrainConfig
-    from raypets.data.prepare import prepare
-    from raypets.data.shards import load_split
+    from raypets.config import TrainConfig
     from raypets.data.synth import synthesize
     from raypets.runlog import read_metrics
-    from raypets.runtime import set_progress_bars
-    from raypets.train import train
+    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.stages.runtime import set_progress_bars
+    from raypets.stages.shards import load_split
+    from raypets.stages.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

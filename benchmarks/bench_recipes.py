@@ -31,12 +31,12 @@ def main() -> None:
 
     import ray
 
-    from raypets.config import RECIPES, PrepareConfig, TrainConfig
-    from raypets.data.prepare import prepare
+    from raypets.config import RECIPES, TrainConfig
     from raypets.data.synth import synthesize
     from raypets.runlog import read_metrics
-    from raypets.runtime import set_progress_bars
-    from raypets.train import train
+    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.stages.runtime import set_progress_bars
+    from raypets.stages.train import train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,10 +25,10 @@ SECTION = "## Train: Ray Train against a plain PyTorch loop (`benchmarks/bench_t
 def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
     """Median images/s over epochs 2.. of a single-process loop doing what one Ray Train worker does."""
     from raypets.config import TrainConfig
-    from raypets.data.shards import load_split
     from raypets.losses import make_loss
     from raypets.model import build_network, to_inputs
-    from raypets.train import learning_rate, make_optimizer
+    from raypets.optim import make_optimizer
+    from raypets.stages.shards import load_split
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
     data = load_split(shards, "train")
     images, masks = torch.from_numpy(data["image"]), torch.from_numpy(data["mask"])
     model = build_network(3, cfg.network, cfg.bn_momentum)
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     loss_fn = make_loss(cfg.loss)
     step, rates = 0, []
     for epoch in range(1, epochs + 1):
@@ -47,7 +47,7 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
             index = order[first: first + batch]
             x, y = to_inputs(images[index], cfg.normalize_mean, cfg.normalize_std), masks[index].long()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, epoch)
+                group["lr"] = cfg.lr_at(step, epoch)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -61,7 +61,7 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
 def ray_train(shards: Path, run_dir: Path, workers: int, batch: int, epochs: int) -> float:
     from raypets.config import TrainConfig
     from raypets.runlog import read_metrics
-    from raypets.train import train
+    from raypets.stages.train import train
 
     train(TrainConfig(data=shards, run_dir=run_dir, workers=workers, batch_size=batch, test_batch_size=batch,
                       epochs=epochs, checkpoint_every=epochs))
@@ -79,10 +79,9 @@ def main() -> None:
 
     import ray
 
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import prepare
     from raypets.data.synth import synthesize
-    from raypets.runtime import set_progress_bars
+    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.stages.runtime import set_progress_bars
 
     threads = os.cpu_count() or 1
     host = machine()

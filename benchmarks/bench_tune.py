@@ -34,13 +34,12 @@ def main() -> None:
 
     import ray
 
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import prepare
     from raypets.data.synth import synthesize
-    from raypets.runtime import set_progress_bars
+    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.stages.runtime import set_progress_bars
+    from raypets.stages.train import train
+    from raypets.stages.tune import tune
     from raypets.sweep_config import load_sweep
-    from raypets.train import train
-    from raypets.tune import tune
 
     host = machine()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,8 @@
-"""Find and load a trained model from whatever a user points at. No Ray here.
+"""The checkpoint format (written and read here only), and finding a trained model from whatever a user points at.
+No Ray here.
+
+A Ray checkpoint folder holds ``model_checkpoint_<epoch>.pt`` (a plain state_dict, loadable without Ray: rmldnn's
+format) and ``train_state.pt`` (optimizer, epoch, step, torch RNG, the run's TrainConfig, the weights' file name).
 
 ``CKPT`` may be:
 
@@ -14,7 +18,6 @@ passes them (e.g. from an rmldnn inference config) or the defaults of ``raypets 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -53,6 +56,26 @@ class Checkpoint:
         """The Keras-JSON network file of the run; None for the built-in XceptionUNet."""
         path = (self.train_config or {}).get("network")
         return Path(path) if path else None
+
+
+def weights_name(epoch: int) -> str:
+    return f"model_checkpoint_{epoch}.pt"
+
+
+def save_state(folder: Path, *, weights: dict, optimizer: dict, epoch: int, step: int, config: dict) -> Path:
+    """Write a Ray checkpoint folder's two files (with this process's torch RNG state); the weights file's path."""
+    name = weights_name(epoch)
+    torch.save(weights, folder / name)
+    torch.save({"optimizer": optimizer, "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
+                "config": config, "weights": name}, folder / STATE_FILE)
+    return folder / name
+
+
+def load_state(folder: Path) -> dict:
+    """What :func:`save_state` wrote into ``folder``, the weights under ``model``."""
+    state = _load(folder / STATE_FILE)
+    state["model"] = _load(folder / state["weights"])
+    return state
 
 
 def resolve_checkpoint(path: Location) -> Checkpoint:
@@ -104,10 +127,7 @@ def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Mod
 
 
 def _from_sweep(path: Path) -> Checkpoint:
-    try:
-        best = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+    best = storage.read_json(path)
     if not isinstance(best, dict) or "checkpoint" not in best:
         raise UserError(f"{path}: not a sweep's best.json (no 'checkpoint' key)")
     if best["checkpoint"] is None:

@@ -60,9 +60,8 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import format_summary, prepare
-    from raypets.runtime import set_progress_bars
+    from raypets.stages.prepare import PrepareConfig, describe_manifest, prepare
+    from raypets.stages.runtime import set_progress_bars
 
     cfg = PrepareConfig(
         src=args.src, out=args.out, layout=args.layout, size=args.size, split=args.split,
@@ -71,14 +70,14 @@ def _prepare(args: argparse.Namespace) -> int:
     )
     set_progress_bars(not args.no_progress)
     manifest = prepare(cfg, address=args.address)
-    print(format_summary(manifest, cfg.out))
+    print(describe_manifest(manifest, cfg.out))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from raypets.config import RECIPES, TrainConfig
-    from raypets.runtime import set_progress_bars
-    from raypets.train import train
+    from raypets.stages.runtime import set_progress_bars
+    from raypets.stages.train import train
 
     settings = dict(RECIPES[args.recipe])
     flags = {key: value for key, value in vars(args).items() if key in _TRAIN_FLAGS and value is not None}
@@ -97,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**settings)
     set_progress_bars(not args.no_progress)
     if source:
-        from raypets.train import ensure_shards
+        from raypets.stages.prepare import ensure_shards
 
         ensure_shards(source[0], cfg.data, source[1], address=args.address)
     metrics = train(cfg, address=args.address)
@@ -107,8 +106,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from raypets.predict import PredictConfig, format_summary, predict
-    from raypets.runtime import set_progress_bars
+    from raypets.stages.predict import PredictConfig, describe_predictions, predict
+    from raypets.stages.runtime import set_progress_bars
 
     settings = {}
     if args.config:
@@ -124,7 +123,7 @@ def _predict(args: argparse.Namespace) -> int:
     cfg = PredictConfig(**settings)
     set_progress_bars(not args.no_progress)
     summary = predict(cfg, address=args.address)
-    print(format_summary(summary))
+    print(describe_predictions(summary))
     return 1 if summary["skipped"] else 0
 
 
@@ -133,31 +132,31 @@ _PREDICT_FLAGS = {"checkpoint", "input", "output", "batch_size", "workers", "dev
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from raypets.evaluate import evaluate, format_table, write_json
-    from raypets.runtime import set_progress_bars
+    from raypets.outputs import check_output_file
+    from raypets.stages.evaluate import evaluate, format_metrics, write_json
+    from raypets.stages.runtime import set_progress_bars
 
     out = args.out or Path(f"evaluate_{args.split}.json")
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out}: exists; pass --overwrite to replace it or choose another --out")
+    check_output_file(out, args.overwrite)  # before the work, not after it
     set_progress_bars(not args.no_progress)
     result = evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
                       device=args.device or "auto", address=args.address)
-    print(format_table(result))
+    print(format_metrics(result))
     write_json(result, out, overwrite=True)
     print(f"wrote {out}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from raypets.report import show_predictions
+    from raypets.show import show_predictions
 
     print(f"wrote {show_predictions(args.output, args.out, images=args.images, truth=args.truth, rows=args.rows)}")
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from raypets.stages.tune import saved_sweep, tune
     from raypets.sweep_config import load_sweep
-    from raypets.tune import saved_sweep, tune
 
     if args.space is not None and args.data is not None:
         sweep = load_sweep(args.space, args.data, samples=args.samples, workers=args.workers_per_trial,
@@ -202,7 +201,9 @@ _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "epochs", "batch_size", 
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    from raypets.config import LOSSES, OPTIMIZERS, RECIPES
+    from raypets.config import RECIPES
+    from raypets.losses import LOSSES
+    from raypets.optim import OPTIMIZERS
 
     parser.add_argument("--config", type=_local, help="an rmldnn training config; flags override it")
     parser.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), a folder or a URI")
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, FileExistsError) as err:
+    except UserError as err:
         print(f"raypets: error: {err}", file=sys.stderr)
         return 2
 

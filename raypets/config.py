@@ -1,4 +1,5 @@
-"""Typed settings of each stage, validated before any Ray work starts."""
+"""Settings of ``raypets train`` (and of each trial of a sweep), checked when built, before any Ray work. No Ray and
+no I/O here: the files the settings name are checked by the stage that reads them."""
 
 from __future__ import annotations
 
@@ -6,72 +7,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from raypets import storage
-from raypets.data.layouts import LAYOUTS
 from raypets.errors import UserError
+from raypets.losses import LOSSES
+from raypets.optim import OPTIMIZERS, check_lr_schedule, learning_rate
 from raypets.storage import Location
 
-# Class ids after preparation: the official README's trimap meaning (1 pet, 2 background, 3 border) shifted by one.
-CLASS_NAMES = ("pet", "background", "border")
-
-# What a prepared folder holds; `prepare --overwrite` replaces only a folder made of these.
-PREPARED_ENTRIES = frozenset({"train", "test", "manifest.json"})
-EXPORT_ENTRIES = frozenset({"training", "testing"})
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Settings of ``raypets prepare``; see :func:`raypets.data.prepare.prepare`."""
-
-    src: Path
-    out: Location  # a folder or a URI (s3://...)
-    layout: str = "auto"
-    size: tuple[int, int] = (160, 160)  # (height, width)
-    split: str = "hash"
-    test_fraction: float = 0.1
-    seed: int = 0
-    strict: bool = False
-    overwrite: bool = False
-    export_rmldnn: Path | None = None
-
-    def __post_init__(self) -> None:
-        if not self.src.is_dir():
-            raise UserError(f"{self.src}: dataset folder does not exist")
-        if self.layout not in ("auto", *LAYOUTS):
-            raise UserError(f"unknown layout {self.layout!r}; choose auto, {', '.join(LAYOUTS)}")
-        if self.split not in ("hash", "official"):
-            raise UserError(f"unknown split rule {self.split!r}; choose hash or official")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise UserError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
-        if min(self.size) < 1:
-            raise UserError(f"--size must be positive, got {self.size}")
-        check_output_folder(self.out, PREPARED_ENTRIES, self.overwrite, "prepared dataset")
-        if self.export_rmldnn is not None:
-            check_output_folder(self.export_rmldnn, EXPORT_ENTRIES, self.overwrite, "rmldnn export")
-
-
-def check_output_folder(path: Location, ours: frozenset[str], overwrite: bool, what: str) -> None:
-    """Refuse a non-empty ``path`` (a folder or a URI) unless ``overwrite`` and it holds only entries a previous run
-    wrote."""
-    storage.check_bucket(path)
-    if storage.is_file(path):
-        raise UserError(f"{path}: exists and is not a folder")
-    entries = storage.entries(path)
-    if not entries:
-        return
-    if not overwrite:
-        raise UserError(f"{path}: exists and is not empty; pass --overwrite to replace the {what} there")
-    strangers = sorted(entries - ours)
-    if strangers:
-        raise UserError(
-            f"{path}: --overwrite only replaces a {what} ({', '.join(sorted(ours))}); "
-            f"it also holds {', '.join(strangers[:5])}, so it is left alone"
-        )
-
-
-OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
-LOSSES = ("dice", "ce", "dice+ce", "jaccard", "nll")
 DEVICES = ("auto", "cpu", "gpu")
-SCHEDULERS = {"step": ("step_size", "gamma"), "multistep": ("milestones", "gamma"), "exponential": ("gamma",)}
 
 # Where the default recipe deviates from the tutorial's literal one, and why (README "Training"): a linear LR
 # warm-up stops the Dice loss collapsing to all-background early, and torch's BN momentum keeps the running
@@ -145,10 +86,11 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         if self.lr_scheduler is not None:
-            check_lr_scheduler(self.lr_scheduler)
-        for path in (self.network, self.init_weights):
-            if path is not None and not Path(path).is_file():
-                raise UserError(f"{path}: file does not exist")
+            check_lr_schedule(self.lr_scheduler)
+
+    def lr_at(self, step: int, epoch: int) -> float:
+        """The learning rate at global ``step`` (0-based) of ``epoch`` (1-based)."""
+        return learning_rate(self.lr, self.warmup_steps, self.lr_scheduler, step, epoch)
 
     def absolute(self) -> TrainConfig:
         """The same settings with absolute paths: Ray Train runs its workers in another folder."""
@@ -164,15 +106,3 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown training setting(s): {', '.join(unknown)}")
         return cls(**{k: storage.parse(v) if k in TRAIN_PATHS and v is not None else v for k, v in values.items()})
-
-
-def check_lr_scheduler(spec: dict) -> None:
-    """``{"type": "step", "step_size": 10, "gamma": 0.1}``, ``multistep`` (``milestones``) or ``exponential``."""
-    kind = str(spec.get("type", "")).lower()
-    if kind not in SCHEDULERS:
-        raise UserError(f"lr_scheduler type {spec.get('type')!r} is not one of {', '.join(SCHEDULERS)}")
-    expected = set(SCHEDULERS[kind])
-    missing, unknown = expected - set(spec), set(spec) - expected - {"type"}
-    if missing or unknown:
-        raise UserError(f"lr_scheduler {kind} takes {', '.join(sorted(expected))}; "
-                        f"missing {sorted(missing) or 'none'}, unknown {sorted(unknown) or 'none'}")

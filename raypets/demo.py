@@ -2,7 +2,7 @@
 
 synth (unless ``--data``) -> prepare -> train -> a learning-rate sweep -> evaluate -> predict over the test images ->
 the input | prediction | ground truth grid -> ``report.md`` and ``report.html``, all in one fresh folder laid out as
-:class:`raypets.report_page.Layout` says. Each stage also gives its equivalent ``raypets`` command for the report.
+:class:`raypets.demo_report.DemoFolders` says. Each stage also gives its equivalent ``raypets`` command for the report.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from pathlib import Path
 
 import yaml
 
-from raypets.config import PrepareConfig, TrainConfig
-from raypets.data.prepare import format_summary, prepare
+from raypets.config import TrainConfig
 from raypets.data.synth import synthesize
+from raypets.demo_report import DemoFolders, write_report
 from raypets.errors import UserError
-from raypets.evaluate import evaluate, format_table, write_json
-from raypets.predict import PredictConfig, default_workers, predict
-from raypets.predict import format_summary as format_predictions
-from raypets.report import show_predictions
-from raypets.report_page import Layout, write_report
-from raypets.runtime import init_ray, set_progress_bars
+from raypets.outputs import check_output_folder
+from raypets.show import show_predictions
+from raypets.stages.evaluate import evaluate, format_metrics, write_json
+from raypets.stages.predict import PredictConfig, default_workers, describe_predictions, predict
+from raypets.stages.prepare import PrepareConfig, describe_manifest, prepare
+from raypets.stages.runtime import init_ray, set_progress_bars
+from raypets.stages.train import train
+from raypets.stages.tune import tune
 from raypets.sweep_config import load_sweep
-from raypets.train import train
-from raypets.tune import tune
 
 # Logical CPUs of a local Ray start: a Tune trial's driver, its Train workers and Ray Data's tasks each hold a slot,
 # more than the 2 cores of a laptop (the test suite and the benchmarks declare 4 for the same reason).
@@ -75,7 +75,7 @@ TUTORIAL = Settings(images=0, raw_size=(0, 0), size=160, test_fraction=0.1, epoc
 class _Demo:
     """What every stage needs; ``facts`` collects what the report shows beyond the files (predict's summary)."""
 
-    layout: Layout
+    folders: DemoFolders
     settings: Settings
     data: Path | None
     workers: int
@@ -94,15 +94,15 @@ def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None,
     """
     _check_args(out, data, workers)
     settings = QUICK if quick else TUTORIAL if data else SYNTHETIC
-    layout = Layout.under(out)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    folders = DemoFolders.under(out)
+    folders.root.mkdir(parents=True, exist_ok=True)
     set_progress_bars(progress)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with _stage(timings, "ray.init"):
         init_ray(address, num_cpus=LOCAL_CPUS)  # every later stage finds Ray running and joins it
     workers = workers or settings.workers or default_workers(device)
-    demo = _Demo(layout, settings, data, workers, device, progress, address)
+    demo = _Demo(folders, settings, data, workers, device, progress, address)
     commands = []
     for name, stage in STAGES[1:] if data else STAGES:
         with _stage(timings, name):
@@ -113,18 +113,16 @@ def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None,
                "timings": timings, "total_s": time.perf_counter() - started, "commands": commands,
                "demo_command": _command(_demo_args(out, data, demo.workers, device, quick, address)),
                **demo.facts}
-    layout.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    markdown, html = write_report(layout)
+    folders.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    markdown, html = write_report(folders)
     print(f"raypets demo: wrote {markdown} and {html}", flush=True)
-    mean_dice = json.loads(layout.evaluation.read_text())["mean_dice"]
+    mean_dice = json.loads(folders.evaluation.read_text())["mean_dice"]
     return {**summary, "mean_dice": mean_dice, "report_md": str(markdown), "report_html": str(html)}
 
 
 def _check_args(out: Path, data: Path | None, workers: int | None) -> None:
     """One clear error before any work: ``out`` must be new or empty, ``data`` a folder, ``workers`` positive."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not empty; raypets demo writes into a fresh folder, so choose another "
-                        "--out (or remove this one)")
+    check_output_folder(out, "demo", flag=None)
     if data is not None and not data.is_dir():
         raise UserError(f"{data}: dataset folder does not exist")
     if workers is not None and workers < 1:
@@ -163,68 +161,68 @@ def _flags(settings: dict) -> list[str]:
 
 def _synth(demo: _Demo) -> list:
     width, height = demo.settings.raw_size
-    print(synthesize(demo.layout.raw, n=demo.settings.images, size=(width, height), defects=True))
-    return ["synth", demo.layout.raw, "--n", demo.settings.images, "--size", f"{width}x{height}", "--defects"]
+    print(synthesize(demo.folders.raw, n=demo.settings.images, size=(width, height), defects=True))
+    return ["synth", demo.folders.raw, "--n", demo.settings.images, "--size", f"{width}x{height}", "--defects"]
 
 
 def _prepare(demo: _Demo) -> list:
-    layout, settings = demo.layout, demo.settings
-    cfg = PrepareConfig(src=demo.data or layout.raw, out=layout.shards, size=(settings.size, settings.size),
-                        test_fraction=settings.test_fraction, export_rmldnn=layout.rmldnn)
-    print(format_summary(prepare(cfg), cfg.out))
+    folders, settings = demo.folders, demo.settings
+    cfg = PrepareConfig(src=demo.data or folders.raw, out=folders.shards, size=(settings.size, settings.size),
+                        test_fraction=settings.test_fraction, export_rmldnn=folders.rmldnn)
+    print(describe_manifest(prepare(cfg), cfg.out))
     return ["prepare", cfg.src, cfg.out, "--size", settings.size, "--test-fraction", settings.test_fraction,
-            "--export-rmldnn", layout.rmldnn, *_address(demo.address)]
+            "--export-rmldnn", folders.rmldnn, *_address(demo.address)]
 
 
 def _train(demo: _Demo) -> list:
-    layout = demo.layout
-    final = train(TrainConfig(data=layout.shards, run_dir=layout.run, workers=demo.workers, device=demo.device,
+    folders = demo.layout
+    final = train(TrainConfig(data=folders.shards, run_dir=folders.run, workers=demo.workers, device=demo.device,
                               **demo.settings.training()))
     print(f"finished epoch {final['epoch']}: test mean Dice {final['mean_dice']:.4f}")
-    return ["train", "--data", layout.shards, "--run-dir", layout.run, "--workers", demo.workers,
+    return ["train", "--data", folders.shards, "--run-dir", folders.run, "--workers", demo.workers,
             *DEVICE_FLAGS[demo.device], *_flags(demo.settings.training()), *_address(demo.address)]
 
 
 def _tune(demo: _Demo) -> list:
-    layout, settings = demo.layout, demo.settings
+    folders, settings = demo.folders, demo.settings
     spec = {"metric": "mean_dice", "mode": "max", "samples": 1, "scheduler": {"type": "fifo"},
             "train": {**settings.training(), "epochs": settings.sweep_epochs},
             "space": {"lr": {"grid": list(settings.sweep_lrs)}}}
-    layout.sweep_file.write_text("# raypets demo's learning-rate sweep: every trial runs to the end (FIFO)\n"
+    folders.sweep_file.write_text("# raypets demo's learning-rate sweep: every trial runs to the end (FIFO)\n"
                                  + yaml.safe_dump(spec, sort_keys=False))
     gpus = GPUS_PER_WORKER[demo.device]
-    sweep = load_sweep(layout.sweep_file, layout.shards, workers=demo.workers, gpus_per_worker=gpus)
-    print(tune(sweep, layout.sweep, progress=demo.progress)["table"])
-    return ["tune", "--data", layout.shards, "--space", layout.sweep_file, "--run-dir", layout.sweep,
+    sweep = load_sweep(folders.sweep_file, folders.shards, workers=demo.workers, gpus_per_worker=gpus)
+    print(tune(sweep, folders.sweep, progress=demo.progress)["table"])
+    return ["tune", "--data", folders.shards, "--space", folders.sweep_file, "--run-dir", folders.sweep,
             "--workers-per-trial", demo.workers, *(["--gpus-per-worker", gpus] if gpus is not None else []),
             *_address(demo.address)]
 
 
 def _evaluate(demo: _Demo) -> list:
-    layout = demo.layout
-    result = evaluate(layout.run, layout.shards, "test", device=demo.device)
-    print(format_table(result))
-    write_json(result, layout.evaluation)
-    return ["evaluate", "--checkpoint", layout.run, "--data", layout.shards, "--out", layout.evaluation,
+    folders = demo.layout
+    result = evaluate(folders.run, folders.shards, "test", device=demo.device)
+    print(format_metrics(result))
+    write_json(result, folders.evaluation)
+    return ["evaluate", "--checkpoint", folders.run, "--data", folders.shards, "--out", folders.evaluation,
             *DEVICE_FLAGS[demo.device], *_address(demo.address)]
 
 
 def _predict(demo: _Demo) -> list:
-    layout, size = demo.layout, demo.settings.size
-    summary = predict(PredictConfig(checkpoint=layout.run, input=layout.test_images, output=layout.predictions,
+    folders, size = demo.folders, demo.settings.size
+    summary = predict(PredictConfig(checkpoint=folders.run, input=folders.test_images, output=folders.predictions,
                                     size=(size, size), device=demo.device))
-    print(format_predictions(summary))
+    print(describe_predictions(summary))
     demo.facts["predict"] = summary
-    return ["predict", "--checkpoint", layout.run, layout.test_images, layout.predictions, "--size", size,
+    return ["predict", "--checkpoint", folders.run, folders.test_images, folders.predictions, "--size", size,
             *DEVICE_FLAGS[demo.device], *_address(demo.address)]
 
 
 def _show(demo: _Demo) -> list:
-    layout = demo.layout
-    show_predictions(layout.predictions, layout.grid, images=layout.test_images, truth=layout.test_masks,
+    folders = demo.layout
+    show_predictions(folders.predictions, folders.grid, images=folders.test_images, truth=folders.test_masks,
                      rows=demo.settings.rows)
-    return ["show", layout.predictions, "--images", layout.test_images, "--truth", layout.test_masks,
-            "--rows", demo.settings.rows, "--out", layout.grid]
+    return ["show", folders.predictions, "--images", folders.test_images, "--truth", folders.test_masks,
+            "--rows", demo.settings.rows, "--out", folders.grid]
 
 
 STAGES: list[tuple[str, Callable[[_Demo], list]]] = [

@@ -182,7 +182,22 @@ class DiceCELoss(nn.Module):
         return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
 
 
-LOSS_NAMES = ("Dice", "Jaccard", "ce", "cross_entropy", "nll", "dice+ce")
+# One registry: the name a TrainConfig, a sweep or an rmldnn config gives -> the loss. Cross-entropy losses take
+# logits through a softmax; ``nll`` on logits is cross-entropy (rmldnn's nll follows a log_softmax).
+LOSSES: dict[str, type[nn.Module]] = {
+    "dice": DiceLoss, "jaccard": JaccardLoss, "ce": CrossEntropyLoss, "nll": CrossEntropyLoss, "dice+ce": DiceCELoss,
+}
+LOSS_ALIASES = {"cross_entropy": "ce"}  # rmldnn's spelling
+
+
+def loss_name(name: str) -> str:
+    """The registry key of ``name`` (case-insensitive, aliases resolved); ValueError listing the accepted ones."""
+    key = name.strip().lower()
+    key = LOSS_ALIASES.get(key, key)
+    if key not in LOSSES:
+        accepted = ", ".join([*LOSSES, *LOSS_ALIASES])
+        raise ValueError(f"unknown loss {name!r}; accepted (case-insensitive): {accepted}")
+    return key
 
 
 def make_loss(
@@ -193,22 +208,13 @@ def make_loss(
     weight: Weight = None,
     **kw: float,
 ) -> nn.Module:
-    """The loss a config names, case-insensitive: Dice, Jaccard, ce, cross_entropy, nll or dice+ce.
-
-    ``nll`` on logits is cross-entropy (rmldnn's nll follows a log_softmax); cross-entropy needs ``source``
-    softmax or log_softmax. ``kw`` goes to the loss's constructor (``eps``; ``dice_weight``, ``ce_weight``).
-    """
-    key = name.strip().lower()
-    if key not in {n.lower() for n in LOSS_NAMES}:
-        raise ValueError(f"unknown loss {name!r}; accepted (case-insensitive): {', '.join(LOSS_NAMES)}")
+    """The loss ``name`` (see :data:`LOSSES`). Cross-entropy needs ``source`` softmax or log_softmax. ``kw`` goes
+    to the loss's constructor (``eps``; ``dice_weight``, ``ce_weight``)."""
+    cls = LOSSES[loss_name(name)]
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    if key == "dice":
-        return DiceLoss(source=source, ignore_index=ignore_index, weight=weight, **kw)
-    if key == "jaccard":
-        return JaccardLoss(source=source, ignore_index=ignore_index, weight=weight, **kw)
-    if source == "sigmoid":
+    if cls in (CrossEntropyLoss, DiceCELoss) and source == "sigmoid":
         raise ValueError(f"loss {name!r} uses softmax cross-entropy; source must be softmax or log_softmax")
-    if key == "dice+ce":
-        return DiceCELoss(source=source, ignore_index=ignore_index, weight=weight, **kw)
-    return CrossEntropyLoss(ignore_index=ignore_index, weight=weight, **kw)
+    if cls is CrossEntropyLoss:
+        return cls(ignore_index=ignore_index, weight=weight, **kw)
+    return cls(source=source, ignore_index=ignore_index, weight=weight, **kw)

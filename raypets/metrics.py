@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from raypets.config import CLASS_NAMES
+from raypets.classes import class_names as default_names
 
 
 class ConfusionMatrix:
     """An int64 (C, C) confusion matrix, rows = truth, columns = prediction, kept on the device of the data.
 
-    ``class_names`` default to ``CLASS_NAMES`` for 3 classes and ``class_<i>`` otherwise. Pixels whose target
+    ``class_names`` default to :func:`raypets.classes.class_names`. Pixels whose target
     equals ``ignore_index`` are not counted.
     """
 
@@ -34,7 +34,7 @@ class ConfusionMatrix:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if class_names is None:
-            class_names = CLASS_NAMES if num_classes == 3 else tuple(f"class_{i}" for i in range(num_classes))
+            class_names = default_names(num_classes)
         if len(class_names) != num_classes or len(set(class_names)) != num_classes:
             raise ValueError(f"need {num_classes} distinct class names, got {list(class_names)}")
         self.num_classes = num_classes

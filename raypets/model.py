@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raypets.errors import UserError
 from raypets.keras_json import KerasJsonError, from_keras_json
 from raypets.layers import KerasConv2d, KerasConvTranspose2d, KerasMaxPool2d, KerasSeparableConv2d
 
@@ -146,6 +147,14 @@ def check_image_size(height: int, width: int) -> None:
                 f"XceptionUNet input {axis} {size} is not a multiple of {SIZE_MULTIPLE} "
                 f"(image {height}x{width}): resize or pad it to {nearest}"
             )
+
+
+def require_image_size(height: int, width: int, where: str) -> None:
+    """:func:`check_image_size` as one UserError naming ``where`` the size comes from (a data folder, a flag)."""
+    try:
+        check_image_size(height, width)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

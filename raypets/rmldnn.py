@@ -9,21 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raypets import storage
 from raypets.errors import UserError
 from raypets.keras_json import REFERENCE_NETWORK
-
-_LOSSES = {"dice": "dice", "jaccard": "jaccard", "nll": "nll", "ce": "ce", "cross_entropy": "ce", "dice+ce": "dice+ce"}
-_OPTIMIZERS = {"rmsprop", "adam", "adamw", "sgd"}
+from raypets.losses import LOSS_ALIASES, LOSSES, loss_name
+from raypets.optim import OPTIMIZERS
 
 
 def load(path: Path) -> dict:
     """The ``neural_network`` section of an rmldnn config file."""
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file does not exist") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+    config = storage.read_json(path, "config file")
     _only(config, {"neural_network"}, path, "")
     return config["neural_network"]
 
@@ -106,8 +101,8 @@ def _optimizer(spec: dict, path: Path) -> dict:
     settings: dict = {}
     if "type" in spec:
         kind = str(spec["type"]).lower()
-        if kind not in _OPTIMIZERS:
-            raise UserError(f"{path}: optimizer type {spec['type']!r} is not one of {', '.join(sorted(_OPTIMIZERS))}")
+        if kind not in OPTIMIZERS:
+            raise UserError(f"{path}: optimizer type {spec['type']!r} is not one of {', '.join(sorted(OPTIMIZERS))}")
         settings["optimizer"] = kind
     if "learning_rate" in spec:
         settings["lr"] = float(spec["learning_rate"])
@@ -120,10 +115,11 @@ def _loss(spec: dict, path: Path) -> dict:
     _only(spec, {"function", "source"}, path, "neural_network.loss")
     settings: dict = {}
     if "function" in spec:
-        name = str(spec["function"]).lower()
-        if name not in _LOSSES:
-            raise UserError(f"{path}: loss function {spec['function']!r} is not supported ({', '.join(_LOSSES)})")
-        settings["loss"] = _LOSSES[name]
+        try:
+            settings["loss"] = loss_name(str(spec["function"]))
+        except ValueError:
+            accepted = ", ".join([*LOSSES, *LOSS_ALIASES])
+            raise UserError(f"{path}: loss function {spec['function']!r} is not supported ({accepted})") from None
     if "source" in spec:
         settings["loss_source"] = str(spec["source"]).lower()
     return settings

@@ -9,6 +9,7 @@ on every node, since Ray's workers read them there) or the URI itself, e.g.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import tempfile
@@ -95,6 +96,26 @@ def read_text(location: Location) -> str:
     fs, path = _open(location)
     with _errors(location), fs.open_input_stream(path) as stream:
         return stream.read().decode()
+
+
+def read_json(location: Location, what: str = "file"):
+    """The JSON document at ``location``; one UserError naming it when it is missing or not JSON."""
+    try:
+        text = read_text(location)
+    except UserError:
+        if not exists(location):
+            raise UserError(f"{location}: {what} does not exist") from None
+        raise
+    try:
+        return json.loads(text)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{location}: not valid JSON ({err})") from None
+
+
+def require_file(path: Path | None) -> None:
+    """One clear error when a file a setting names is not there (None: nothing named)."""
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{path}: file does not exist")
 
 
 def write_text(location: Location, text: str) -> None:

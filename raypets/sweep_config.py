@@ -22,14 +22,28 @@ from pathlib import Path
 import yaml
 
 from raypets import storage
-from raypets.config import CLASS_NAMES, TRAIN_PATHS, TrainConfig
+from raypets.classes import CLASS_NAMES
+from raypets.config import TRAIN_PATHS, TrainConfig
 from raypets.errors import UserError
 from raypets.storage import Location
 
 KEYS = ("metric", "mode", "samples", "search", "scheduler", "train", "space")
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A search-space distribution: the ``ray.tune`` function that makes it, and whether it takes [low, high]
+    bounds (floats drawn between) or a list of values."""
+
+    tune: str
+    bounds: bool
+
+
+# One registry: a sweep file's distribution names -> what Tune makes of them (raypets.stages.tune.param_space).
+DISTRIBUTIONS = {"loguniform": Distribution("loguniform", bounds=True), "uniform": Distribution("uniform", bounds=True),
+                 "choice": Distribution("choice", bounds=False), "grid": Distribution("grid_search", bounds=False)}
 SEARCHES = ("random", "optuna")
-SCHEDULERS = {"asha": {"grace_period": 1, "reduction_factor": 2}, "fifo": {}}
+TUNE_SCHEDULERS = {"asha": {"grace_period": 1, "reduction_factor": 2}, "fifo": {}}
 METRICS = ("mean_dice", "mean_iou", "pixel_accuracy", "test_loss", "train_loss",
            *(f"{kind}_{name}" for kind in ("dice", "iou") for name in CLASS_NAMES))
 SET_BY_TUNE = {"data": "--data", "run_dir": "--run-dir", "resume": "--resume"}
@@ -89,6 +103,8 @@ def load_sweep(path: Path, data: Location, *, samples: int | None = None, worker
     train = {**SWEEP_DEFAULTS, **_settings(path, "train", spec.get("train") or {}), "data": str(data)}
     # Absolute: Tune runs each trial in a folder of its own.
     train.update({key: str(storage.absolute(storage.parse(train[key]))) for key in TRAIN_PATHS if train.get(key)})
+    for key in ("network", "init_weights"):
+        storage.require_file(Path(train[key]) if train.get(key) else None)
     if workers is not None:
         train["workers"] = workers
     if gpus_per_worker is not None:
@@ -162,7 +178,7 @@ def _distribution(path: Path, key: str, spec) -> dict:
     if not isinstance(values, list) or not values:
         raise UserError(f"{path}: {where}.{kind} takes a non-empty list, got {values!r}")
     values = [_number(path, where, key, v) for v in values]
-    if kind in ("loguniform", "uniform"):
+    if DISTRIBUTIONS[kind].bounds:
         if _SETTINGS[key] != "float":
             raise UserError(f"{path}: {where}: {kind} draws floats, {key} takes {_SETTINGS[key]}; use choice or grid")
         low, high = values if len(values) == 2 else (None, None)
@@ -175,13 +191,13 @@ def _distribution(path: Path, key: str, spec) -> dict:
 def _scheduler(path: Path, spec) -> dict:
     spec = {"type": spec} if isinstance(spec, str) else spec
     kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind not in SCHEDULERS:
+    if kind not in TUNE_SCHEDULERS:
         raise UserError(f"{path}: scheduler must be {{type: asha, grace_period: 1, reduction_factor: 2}} or "
                         f"{{type: fifo}}; got {spec!r}")
-    unknown = sorted(set(spec) - {"type", *SCHEDULERS[kind]})
+    unknown = sorted(set(spec) - {"type", *TUNE_SCHEDULERS[kind]})
     if unknown:
         raise UserError(f"{path}: scheduler.{unknown[0]} is not a setting of {kind}")
-    scheduler = {"type": kind, **SCHEDULERS[kind], **{k: v for k, v in spec.items() if k != "type"}}
+    scheduler = {"type": kind, **TUNE_SCHEDULERS[kind], **{k: v for k, v in spec.items() if k != "type"}}
     if kind == "asha" and not (_whole(scheduler["grace_period"]) and scheduler["grace_period"] >= 1
                                and isinstance(scheduler["reduction_factor"], (int, float))
                                and scheduler["reduction_factor"] > 1):

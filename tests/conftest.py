@@ -1,4 +1,9 @@
-"""Shared fixtures: one local Ray per test session, and small datasets written to disk."""
+"""Shared fixtures (one local Ray per test session, the quick demo) and the ``ray`` marker.
+
+Every test that uses a fixture of ``RAY_FIXTURES`` (directly or through another fixture) is marked ``ray``, so
+``pytest -m "not ray"`` runs the Ray-free tests alone; a test that starts Ray without such a fixture fails.
+Shared helpers live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,35 @@ import contextlib
 import io
 import os
 import shutil
-import socket
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import free_ports
+
+# Fixtures that start Ray or a Ray cluster: in-process (ray_local), or a head or a launcher cluster beside it.
+RAY_FIXTURES = {"ray_local", "head", "cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _starts_ray_only_when_marked(request):
+    """Fail a test that is not marked ``ray`` but leaves Ray started in this process (it would slow the fast loop)."""
+    before = _ray_started()
+    yield
+    if not before and _ray_started() and not request.node.get_closest_marker("ray"):
+        pytest.fail("this test starts Ray: use the ray_local fixture, which marks it `ray`")
+
+
+def _ray_started() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 @pytest.fixture(scope="session")
@@ -35,58 +61,6 @@ def ray_local():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on loopback that nothing listens on now."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def wait_for_every_cpu(timeout_s: float = 60) -> None:
-    """Wait until the local cluster has every CPU free again (Ray gives a finished, stopped or killed run's CPUs
-    back a moment later); fail, naming what is still held, after ``timeout_s``."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s} s: {ray.available_resources()}"
-        time.sleep(0.5)
-
-
-def prepared_shards(root: Path, n: int, size: tuple[int, int], seed: int) -> Path:
-    """``n`` synthetic images of ``size`` (width, height) prepared at 32 px with a quarter held out: ``root/shards``."""
-    from raypets.config import PrepareConfig
-    from raypets.data.prepare import prepare
-    from raypets.data.synth import synthesize
-
-    synthesize(root / "raw", n=n, size=size, seed=seed)
-    prepare(PrepareConfig(root / "raw", root / "shards", size=(32, 32), test_fraction=0.25))
-    return root / "shards"
-
-
-def save_image(path: Path, pixels: np.ndarray, fmt: str | None = None, mode: str | None = None) -> Path:
-    """Write ``pixels`` to ``path`` in ``fmt`` (default from the suffix), optionally converted to ``mode``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(pixels)
-    if mode:
-        img = img.convert(mode)
-    img.save(path, format=fmt)
-    return path
-
-
-def random_pair(rng: np.random.Generator, width: int = 48, height: int = 40, values=(1, 2, 3)):
-    """A noisy RGB image and a blocky mask holding every value of ``values``."""
-    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    mask = np.full((height, width), values[1], np.uint8)
-    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = values[0]
-    mask[height // 4, width // 4: 3 * width // 4] = values[2]
-    return image, mask
 
 
 @pytest.fixture(scope="session")

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ray_checkpoint_folder, state_dict_file
 
-from raypets.checkpoints import RAY_RUN_NAME, STATE_FILE, load_model, resolve_checkpoint
+from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
 from raypets.errors import UserError
-from raypets.model import XceptionUNet
-
-
-def _weights(path: Path, seed: int, num_classes: int = 3) -> dict:
-    torch.manual_seed(seed)
-    state = XceptionUNet(num_classes=num_classes).state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return state
-
-
-def _ray_checkpoint(folder: Path, epoch: int, seed: int, config: dict | None = None) -> dict:
-    """The two files ``raypets.train`` writes into a Ray checkpoint folder."""
-    state = _weights(folder / f"model_checkpoint_{epoch}.pt", seed)
-    torch.save({"epoch": epoch, "step": 10 * epoch, "config": config or {}, "weights": f"model_checkpoint_{epoch}.pt"},
-               folder / STATE_FILE)
-    return state
 
 
 def _same(model: torch.nn.Module, state: dict) -> bool:
@@ -34,7 +17,7 @@ def _same(model: torch.nn.Module, state: dict) -> bool:
 
 
 def test_plain_state_dict_loads_with_its_class_count(tmp_path):
-    state = _weights(tmp_path / "model_checkpoint_7.pt", seed=1, num_classes=5)
+    state = state_dict_file(tmp_path / "model_checkpoint_7.pt", seed=1, num_classes=5)
     checkpoint = resolve_checkpoint(tmp_path / "model_checkpoint_7.pt")
     assert checkpoint.epoch == 7 and checkpoint.train_config is None
     assert checkpoint.normalize == (0.0, 1 / 255)  # raypets train's default: 0-255 inputs
@@ -45,7 +28,7 @@ def test_plain_state_dict_loads_with_its_class_count(tmp_path):
 
 def test_ray_checkpoint_folder_carries_the_training_settings(tmp_path):
     folder = tmp_path / "checkpoint_000001"
-    state = _ray_checkpoint(folder, epoch=3, seed=2, config={"normalize_mean": 0.5, "normalize_std": 0.25})
+    state = ray_checkpoint_folder(folder, epoch=3, seed=2, config={"normalize_mean": 0.5, "normalize_std": 0.25})
     checkpoint = resolve_checkpoint(folder)
     assert checkpoint.weights == folder / "model_checkpoint_3.pt" and checkpoint.epoch == 3
     assert checkpoint.normalize == (0.5, 0.25)
@@ -55,7 +38,7 @@ def test_ray_checkpoint_folder_carries_the_training_settings(tmp_path):
 def test_run_folder_gives_the_checkpoint_with_the_best_test_dice(tmp_path):
     run = tmp_path / "run"
     for index, epoch in enumerate((2, 4, 6)):
-        _ray_checkpoint(run / RAY_RUN_NAME / f"checkpoint_00000{index}", epoch, seed=epoch)
+        ray_checkpoint_folder(run / RAY_RUN_NAME / f"checkpoint_00000{index}", epoch, seed=epoch)
     dice = {1: 0.3, 2: 0.5, 3: 0.9, 4: 0.7, 5: 0.6, 6: 0.65}  # epoch 3 is best but has no checkpoint
     lines = [json.dumps({"epoch": epoch, "mean_dice": value}) + "\n" for epoch, value in dice.items()]
     (run / "metrics.jsonl").write_text("".join(lines))
@@ -64,16 +47,16 @@ def test_run_folder_gives_the_checkpoint_with_the_best_test_dice(tmp_path):
     assert resolve_checkpoint(run).epoch == 6  # no metrics: the last one
 
 
-def test_sweep_best_json_points_at_a_ray_checkpoint(tmp_path):
+def test_sweep_best_json_points_at_aray_checkpoint_folder(tmp_path):
     folder = tmp_path / "trials" / "t1" / RAY_RUN_NAME / "checkpoint_000000"
-    state = _ray_checkpoint(folder, epoch=2, seed=3)
+    state = ray_checkpoint_folder(folder, epoch=2, seed=3)
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"metric": "mean_dice", "value": 0.5, "checkpoint": str(folder)}))
     assert _same(load_model(resolve_checkpoint(best)), state)
 
 
 def test_weights_of_another_shape_are_one_clear_error(tmp_path):
-    _weights(tmp_path / "model_checkpoint_1.pt", seed=0)
+    state_dict_file(tmp_path / "model_checkpoint_1.pt", seed=0)
     state = torch.load(tmp_path / "model_checkpoint_1.pt", weights_only=True)
     state["up1.residual.weight"] = torch.zeros(7, 7, 1, 1)
     torch.save(state, tmp_path / "wrong.pt")

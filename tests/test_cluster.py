@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
-from conftest import free_ports
+from helpers import free_ports
 
 from raypets.cli import main
 

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import random_pair, save_image
+from helpers import random_pair, save_image
 from PIL import Image
 
 from raypets.data.decode import DecodeError, decode_image, decode_mask, parse_size, resize_image, resize_mask

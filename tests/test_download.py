@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_image
+from helpers import save_image
 
 from raypets.cli import main
 from raypets.data.layouts import detect_layout, discover, official_split

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_ports
+from helpers import free_ports
 
 from raypets.cli import main
 

@@ -185,7 +185,7 @@ def test_make_loss_passes_options():
 
 
 def test_make_loss_unknown_name_lists_accepted():
-    accepted = r"Dice, Jaccard, ce, cross_entropy, nll, dice\+ce"
+    accepted = r"dice, jaccard, ce, nll, dice\+ce, cross_entropy"
     with pytest.raises(ValueError, match=rf"unknown loss 'focal'; accepted \(case-insensitive\): {accepted}"):
         make_loss("focal")
 

@@ -16,16 +16,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import save_image
+from helpers import save_image
 from PIL import Image
 
-from raypets.checkpoints import RAY_RUN_NAME, STATE_FILE
+from raypets.checkpoints import RAY_RUN_NAME, save_state
 from raypets.cli import main
 from raypets.errors import UserError
 from raypets.keras_json import REFERENCE_NETWORK
 from raypets.model import XceptionUNet
-from raypets.predict import list_inputs, png_names
 from raypets.rmldnn import inference_settings
+from raypets.stages.predict import list_inputs, png_names
 
 SIZE = 64
 TUTORIAL = Path(__file__).parent / "data" / "config_pets_inference.json"
@@ -191,12 +191,13 @@ def test_rerun_gives_identical_arrays_and_half_precision_halves_the_file(predict
 def test_run_folder_brings_its_normalisation_and_class_names(tree, tmp_path, ray_local):
     """A training run folder: its Ray checkpoint's settings (normalize, the data manifest's classes) apply."""
     folder = tmp_path / "run" / RAY_RUN_NAME / "checkpoint_000000"
-    _checkpoint(folder / "model_checkpoint_2.pt", seed=1)
+    weights = torch.load(_checkpoint(tmp_path / "weights.pt", seed=1), weights_only=True)
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"classes": ["cat", "bg", "edge"]}))
     config = {"normalize_mean": 0.5, "normalize_std": 0.25, "data": str(shards)}
-    torch.save({"epoch": 2, "config": config, "weights": "model_checkpoint_2.pt"}, folder / STATE_FILE)
+    folder.mkdir(parents=True)
+    save_state(folder, weights=weights, optimizer={}, epoch=2, step=20, config=config)
     image = tree / "in" / "Abyssinian_142.jpg"
     code, printed, _ = _cli("--checkpoint", str(tmp_path / "run"), str(image), str(tmp_path / "out"), "--size", "32",
                             "--workers", "1")

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_pair, save_image
+from helpers import random_pair, save_image
 
 from raypets.cli import main
-from raypets.config import PrepareConfig
-from raypets.data import prepare as prepare_module
 from raypets.data.decode import decode_image, decode_mask, resize_image, resize_mask
-from raypets.data.prepare import hash_split, prepare
-from raypets.data.shards import load_split, read_manifest
 from raypets.data.synth import synthesize
 from raypets.errors import UserError
+from raypets.stages import prepare as prepare_module
+from raypets.stages.prepare import PrepareConfig, hash_split, prepare
+from raypets.stages.shards import load_split, read_manifest
 
 SIZE = (32, 32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import random_pair, save_image
+from helpers import random_pair, save_image
 from PIL import Image
 
 from raypets.cli import main

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from raypets.cli import main
-from raypets.config import PrepareConfig
-from raypets.data.prepare import prepare
 from raypets.data.synth import synthesize
 from raypets.errors import UserError
 from raypets.keras_json import REFERENCE_NETWORK
 from raypets.rmldnn import training_settings
+from raypets.stages.prepare import PrepareConfig, prepare
 
 TUTORIAL = Path(__file__).parent / "data" / "config_pets_segmentation.json"
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import h5py
 import pyarrow.fs as pafs
 import pytest
-from conftest import free_ports
-from test_checkpoints import _ray_checkpoint
+from helpers import free_ports, ray_checkpoint_folder
 
 from raypets import storage
 from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
 from raypets.cli import main
-from raypets.config import PREPARED_ENTRIES, check_output_folder
 from raypets.errors import UserError
+from raypets.outputs import check_output_folder
 from raypets.runlog import TRAIN_HEADER, RunLog, read_metrics
+from raypets.stages.prepare import PREPARED_ENTRIES
 
 BUCKET = "pets"
 
@@ -95,15 +95,15 @@ def test_errors_name_the_uri(bucket):
 
 def test_an_output_uri_that_holds_something_is_refused(bucket):
     out = bucket.uri("refuse/shards")
-    check_output_folder(out, PREPARED_ENTRIES, False, "prepared dataset")  # nothing there yet
+    check_output_folder(out, "prepared dataset", ours=PREPARED_ENTRIES)  # nothing there yet
     storage.write_text(storage.join(out, "notes.txt"), "mine")
     with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
-        check_output_folder(out, PREPARED_ENTRIES, False, "prepared dataset")
+        check_output_folder(out, "prepared dataset", ours=PREPARED_ENTRIES)
     with pytest.raises(UserError, match="it also holds notes.txt, so it is left alone"):
-        check_output_folder(out, PREPARED_ENTRIES, True, "prepared dataset")
+        check_output_folder(out, "prepared dataset", ours=PREPARED_ENTRIES, overwrite=True)
     elsewhere = out.replace(f"@{BUCKET}/", "@no-such-bucket/")
     with pytest.raises(UserError, match=f"^{re.escape(elsewhere)}: bucket no-such-bucket does not exist"):
-        check_output_folder(elsewhere, PREPARED_ENTRIES, False, "prepared dataset")
+        check_output_folder(elsewhere, "prepared dataset", ours=PREPARED_ENTRIES)
 
 
 def test_the_run_log_at_a_uri_is_uploaded_each_epoch_and_trimmed_on_resume(bucket):
@@ -124,7 +124,7 @@ def test_the_run_log_at_a_uri_is_uploaded_each_epoch_and_trimmed_on_resume(bucke
 
 def test_a_run_at_a_uri_resolves_to_its_best_checkpoint(bucket, tmp_path):
     run = tmp_path / "run"
-    states = {epoch: _ray_checkpoint(run / RAY_RUN_NAME / f"checkpoint_00000{epoch}", epoch, seed=epoch)
+    states = {epoch: ray_checkpoint_folder(run / RAY_RUN_NAME / f"checkpoint_00000{epoch}", epoch, seed=epoch)
               for epoch in (1, 2)}
     (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "mean_dice": d}) + "\n"
                                                for e, d in ((1, 0.7), (2, 0.5))))

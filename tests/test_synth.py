@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from raypets.data.synth import render_sample, synthesize
+from raypets.errors import UserError
 
 HEADER = [
     "#Image CLASS-ID SPECIES BREED ID",
@@ -179,7 +180,7 @@ def test_defects_are_extra_files_of_each_real_kind(tmp_path: Path) -> None:
 def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="taken"):
+    with pytest.raises(UserError, match="taken: exists and is not empty"):
         synthesize(tmp_path / "taken", n=1, size=(32, 32))
     assert files(tmp_path / "taken") == {"keep.txt": b"mine"}
     (tmp_path / "empty").mkdir()

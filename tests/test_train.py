@@ -11,16 +11,16 @@ import pytest
 import ray.exceptions
 import ray.train
 import torch
-from conftest import prepared_shards, wait_for_every_cpu
+from helpers import prepared_shards, wait_for_every_cpu
 
 from raypets.cli import main
 from raypets.config import TrainConfig
-from raypets.data.shards import load_split
 from raypets.errors import UserError
 from raypets.metrics import ConfusionMatrix
 from raypets.model import XceptionUNet, to_inputs
 from raypets.runlog import read_metrics
-from raypets.train import learning_rate, train
+from raypets.stages.shards import load_split
+from raypets.stages.train import train
 
 FAST = {"workers": 2, "batch_size": 8, "test_batch_size": 8, "warmup_steps": 10, "seed": 0}
 
@@ -154,11 +154,11 @@ def test_bad_settings_end_in_one_clear_message(tmp_path, capsys):
 def test_learning_rate_warms_up_then_follows_the_schedule(tmp_path):
     cfg = TrainConfig(data=tmp_path, run_dir=tmp_path, lr=1e-3, warmup_steps=4,
                       lr_scheduler={"type": "step", "step_size": 2, "gamma": 0.5})
-    assert [learning_rate(cfg, s, 1) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
-    assert [learning_rate(cfg, 100, e) for e in (1, 2, 3, 5)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+    assert [cfg.lr_at(s, 1) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert [cfg.lr_at(100, e) for e in (1, 2, 3, 5)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
     multi = TrainConfig(data=tmp_path, run_dir=tmp_path, warmup_steps=0,
                         lr_scheduler={"type": "multistep", "milestones": [1, 3], "gamma": 0.1})
-    assert [learning_rate(multi, 0, e) for e in (1, 2, 4)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert [multi.lr_at(0, e) for e in (1, 2, 4)] == pytest.approx([1e-3, 1e-4, 1e-5])
     with pytest.raises(UserError, match="lr_scheduler step takes gamma, step_size"):
         TrainConfig(data=tmp_path, run_dir=tmp_path, lr_scheduler={"type": "step", "gamma": 0.1})
 

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import ray.tune
 import torch
-from conftest import prepared_shards, wait_for_every_cpu
+from helpers import prepared_shards, wait_for_every_cpu
 
 from raypets.checkpoints import STATE_FILE, load_model, resolve_checkpoint
 from raypets.cli import main
 from raypets.config import TrainConfig
-from raypets.data.shards import load_split
 from raypets.errors import UserError
 from raypets.metrics import ConfusionMatrix
 from raypets.model import to_inputs
 from raypets.runlog import read_metrics
+from raypets.stages.shards import load_split
+from raypets.stages.tune import tune
 from raypets.sweep_config import load_sweep
-from raypets.tune import tune
 
 FAST = "batch_size: 8, test_batch_size: 8, warmup_steps: 2, seed: 0"
 

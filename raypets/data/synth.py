@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from raypets.data.render import render_sample
+from raypets.outputs import check_output_folder
 
 CATS = ("Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau", "Maine_Coon",
         "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx")
@@ -76,8 +77,7 @@ def synthesize(out: Path, n: int = 200, size: tuple[int, int] = (320, 240), seed
     They are spawned, so a calling script needs the usual ``if __name__ == "__main__":`` guard.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"refusing to write into {out}: it exists and is not an empty folder")
+    check_output_folder(out, "synthetic dataset", flag=None)
     width, height = size
     if n < 1 or width < 16 or height < 16 or seed < 0:
         raise ValueError(f"need n >= 1, width and height >= 16, seed >= 0; got {n=}, {size=}, {seed=}")

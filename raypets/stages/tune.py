@@ -2,7 +2,7 @@
 
 ``RUN`` and ``--data`` may be local folders or object-store URIs (``s3://...``), like ``raypets train``'s.
 A trial is a Tune function trainable that builds its ``TrainConfig`` from the sweep and its sampled settings and calls
-:func:`raypets.train.train` with ``TuneReportCallback`` (the Train V2 pattern). What a sweep leaves in ``RUN``:
+:func:`raypets.stages.train.train` with ``TuneReportCallback`` (the Train V2 pattern). What a sweep leaves in ``RUN``:
 
 - ``sweep.json``: the checked sweep (what ``--resume`` continues); ``tune/``: Tune's experiment;
 - ``trials/<trial_id>/``: each trial's training run (logs, metrics.jsonl, ``ray_train/`` checkpoints);
@@ -25,19 +25,17 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raypets import storage
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, resolve_checkpoint
-from raypets.data.shards import read_manifest
 from raypets.errors import UserError
-from raypets.report import plot_metric_vs_lr
-from raypets.runtime import init_ray, set_progress_bars, use_gpus
+from raypets.plots import plot_metric_vs_lr
+from raypets.stages.runtime import init_ray, set_progress_bars, use_gpus
+from raypets.stages.shards import read_manifest
+from raypets.stages.train import load_datasets, train, worker_resources
 from raypets.storage import Location
-from raypets.sweep_config import Sweep
-from raypets.train import load_datasets, train, worker_resources
+from raypets.sweep_config import DISTRIBUTIONS, Sweep
 
 SWEEP_FILE = "sweep.json"
 EXPERIMENT = "tune"  # Tune's RunConfig name: RUN/tune/
 TRIALS = "trials"  # RUN/trials/<trial_id>/: one training run per trial
-DISTRIBUTIONS = {"loguniform": lambda v: ray.tune.loguniform(*v), "uniform": lambda v: ray.tune.uniform(*v),
-                 "choice": ray.tune.choice, "grid": ray.tune.grid_search}
 
 
 def run_trial(params: dict, *, sweep: dict, run_dir: str, datasets: dict, progress: bool = True) -> None:
@@ -112,7 +110,7 @@ def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
     filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
     if not storage.is_file(saved) or not ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} and {EXPERIMENT}/ there)")
-    before = json.loads(storage.read_text(saved))
+    before = storage.read_json(saved)
     changed = sorted(key for key, value in json.loads(json.dumps(sweep.to_dict())).items() if before.get(key) != value)
     if changed:
         raise UserError(f"{run_dir}: --resume continues the sweep saved in {saved}; this one differs in "
@@ -124,11 +122,17 @@ def saved_sweep(run_dir: Location) -> Sweep:
     saved = storage.join(run_dir, SWEEP_FILE)
     if not storage.is_file(saved):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} there)")
-    return Sweep(**json.loads(storage.read_text(saved)))
+    return Sweep(**storage.read_json(saved))
 
 
 def param_space(sweep: Sweep) -> dict:
-    return {key: DISTRIBUTIONS[kind](values) for key, spec in sweep.space.items() for kind, values in spec.items()}
+    """Tune's search space: each setting's distribution (:data:`raypets.sweep_config.DISTRIBUTIONS`) made by Tune."""
+    space = {}
+    for key, spec in sweep.space.items():
+        (kind, values), = spec.items()
+        make = getattr(ray.tune, DISTRIBUTIONS[kind].tune)
+        space[key] = make(*values) if DISTRIBUTIONS[kind].bounds else make(values)
+    return space
 
 
 def default_concurrency(sweep: Sweep) -> int:
@@ -196,7 +200,7 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
                                      Path(folder, f"{sweep.metric}_vs_lr.png"))
             storage.upload(plot, storage.join(run_dir, plot.name))
     return {"rows": rows, "best": _write_best(scored[0], sweep, run_dir) if scored else None,
-            "table": format_table(rows, columns[:-1]),
+            "table": format_trials(rows, columns[:-1]),
             "errors": [(r["trial_id"], r["error"]) for r in rows if r["status"] == "error"],
             "unfinished": [r["trial_id"] for r in rows if r["status"] == "unfinished"]}
 
@@ -249,7 +253,7 @@ def _write_best(row: dict, sweep: Sweep, run_dir: Location) -> dict:
     return best
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
+def format_trials(rows: list[dict], columns: list[str]) -> str:
     """A fixed-width text table of ``rows``: floats with 4 significant digits."""
     def cell(value) -> str:
         if isinstance(value, float):

@@ -15,7 +15,8 @@ import math
 import shutil
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,11 +28,13 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from raypets import storage
-from raypets.config import CLASS_NAMES, PrepareConfig
+from raypets.classes import CLASS_NAMES
 from raypets.data.decode import DecodedImage, DecodeError, decode_image, decode_mask, resize_image, resize_mask
 from raypets.data.layouts import Discovery, Pair, Skip, discover, official_split
 from raypets.errors import UserError
-from raypets.runtime import data_context, init_ray
+from raypets.outputs import check_output_folder, staged_output
+from raypets.stages.runtime import data_context, init_ray
+from raypets.stages.shards import read_manifest
 from raypets.storage import Location
 
 if TYPE_CHECKING:
@@ -43,6 +46,34 @@ MANIFEST_VERSION = 1
 PARTNER_SKIPPED = "partner skipped"
 PAIRS_PER_TASK = 128  # ~1.3 s of work a task here; 16 tasks for 2,000 pairs
 _EXPORT_FOLDERS = {"train": "training", "test": "testing"}
+# What a prepared folder holds; `prepare --overwrite` replaces only a folder made of these.
+PREPARED_ENTRIES = frozenset({*SPLITS, "manifest.json"})
+EXPORT_ENTRIES = frozenset(_EXPORT_FOLDERS.values())
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Settings of ``raypets prepare``, checked when built; :func:`prepare` checks the folders they name (and
+    :func:`raypets.data.layouts.discover` the layout)."""
+
+    src: Path
+    out: Location  # a folder or a URI (s3://...)
+    layout: str = "auto"
+    size: tuple[int, int] = (160, 160)  # (height, width)
+    split: str = "hash"
+    test_fraction: float = 0.1
+    seed: int = 0
+    strict: bool = False
+    overwrite: bool = False
+    export_rmldnn: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in ("hash", "official"):
+            raise UserError(f"unknown split rule {self.split!r}; choose hash or official")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise UserError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if min(self.size) < 1:
+            raise UserError(f"--size must be positive, got {self.size}")
 
 
 def hash_split(name: str, seed: int, test_fraction: float) -> str:
@@ -54,11 +85,15 @@ def hash_split(name: str, seed: int, test_fraction: float) -> str:
 def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
     """Prepare ``cfg.src`` into ``cfg.out`` and return the manifest (also written as ``out/manifest.json``).
 
-    Output is built in hidden staging folders beside ``out`` (and the export) and moved into place only once
-    complete, so a failed or ``--strict`` run leaves an earlier output as it was. An ``out`` URI (``s3://...``) is
-    written in place (an object store cannot move a folder): an earlier output is removed first, and
-    ``manifest.json``, written last, marks the shards complete.
+    The output (and the export) is built where no reader sees it half-written (:func:`raypets.outputs.staged_output`),
+    so a failed or ``--strict`` run leaves an earlier output as it was. At a URI (``s3://...``) the shards are written
+    in place and ``manifest.json``, written last, marks them complete.
     """
+    if not cfg.src.is_dir():
+        raise UserError(f"{cfg.src}: dataset folder does not exist")
+    check_output_folder(cfg.out, "prepared dataset", ours=PREPARED_ENTRIES, overwrite=cfg.overwrite)
+    if cfg.export_rmldnn is not None:
+        check_output_folder(cfg.export_rmldnn, "rmldnn export", ours=EXPORT_ENTRIES, overwrite=cfg.overwrite)
     found = discover(cfg.src, cfg.layout)
     pairs, skipped = _assign_splits(cfg, found)
     if cfg.strict and skipped:
@@ -67,18 +102,13 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
         raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
 
     init_ray(address)
-    targets = [cfg.out] + ([cfg.export_rmldnn] if cfg.export_rmldnn else [])
-    staging = {target: _staging(target) for target in targets}
-    try:
-        for folder in staging.values():
-            storage.remove_contents(folder)  # a stale staging folder, or at a URI the output --overwrite replaces
-            if not storage.is_uri(folder):
-                folder.mkdir(parents=True, exist_ok=True)
-        sink = _ShardSink(str(staging[cfg.out]))
+    export = staged_output(cfg.export_rmldnn) if cfg.export_rmldnn else nullcontext()
+    with staged_output(cfg.out) as out, export as export_folder:
+        sink = _ShardSink(str(out))
         # One fused operator: Ray Data's per-operator reservations (made for pipelines of several) only held its
         # tasks back, starting one at a time with gaps between them.
         with data_context(op_resource_reservation_enabled=False):
-            _decode_dataset(cfg, found, pairs, staging.get(cfg.export_rmldnn)).write_datasink(sink)
+            _decode_dataset(cfg, found, pairs, export_folder).write_datasink(sink)
         used = [row for row in sink.rows if not row["reason"]]
         for row in sink.rows:
             if row["reason"]:
@@ -89,23 +119,19 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
         if not used:
             raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
         manifest = _manifest(cfg, found, used, skipped, sink.class_pixels)
-        storage.write_text(storage.join(staging[cfg.out], "manifest.json"), json.dumps(manifest, indent=2) + "\n")
-        for target, folder in staging.items():
-            if folder == target:
-                continue
-            if target.exists():
-                shutil.rmtree(target)  # empty, or an earlier output that PrepareConfig allowed --overwrite to replace
-            folder.rename(target)
-    finally:
-        for target, folder in staging.items():
-            if folder != target:
-                shutil.rmtree(folder, ignore_errors=True)
+        storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _staging(target: Location) -> Location:
-    """Where an output is built: a hidden folder beside a local ``target``, a URI itself."""
-    return target if storage.is_uri(target) else target.parent / f".{target.name}.partial"
+def ensure_shards(src: Path, shards: Location, size: tuple[int, int], *, address: str | None = None) -> None:
+    """Prepare the rmldnn-layout folder ``src`` into ``shards`` at ``size``, unless that was done already."""
+    if storage.is_file(storage.join(shards, "manifest.json")):
+        manifest = read_manifest(shards)
+        if manifest["source"] != str(src.resolve()) or (manifest["image_size"]["height"],
+                                                         manifest["image_size"]["width"]) != tuple(size):
+            raise UserError(f"{shards}: holds shards of {manifest['source']} at another size; remove it or pass --data")
+        return
+    print(describe_manifest(prepare(PrepareConfig(src, shards, layout="rmldnn", size=size), address=address), shards))
 
 
 class _ShardSink(Datasink):
@@ -316,7 +342,7 @@ def _fail_strict(skipped: list[Skip]) -> None:
     raise UserError(f"--strict: {first.file}: {first.reason}{detail}; {len(skipped)} file(s) would be skipped")
 
 
-def format_summary(manifest: dict, out: Location) -> str:
+def describe_manifest(manifest: dict, out: Location) -> str:
     """The few lines ``raypets prepare`` prints: counts per split and skips per reason."""
     counts, files = manifest["counts"], manifest["files"]
     lines = [f"prepared {out}: {counts['train']} train + {counts['test']} test pairs at "

@@ -23,7 +23,7 @@ STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1
 
 
 @dataclass(frozen=True)
-class Layout:
+class DemoFolders:
     """Where each stage of ``raypets demo`` writes, under one folder."""
 
     root: Path
@@ -41,7 +41,7 @@ class Layout:
     html: Path
 
     @classmethod
-    def under(cls, root: Path) -> Layout:
+    def under(cls, root: Path) -> DemoFolders:
         names = ("raw", "shards", "rmldnn", "train", "sweep.yaml", "sweep", "evaluate_test.json", "predictions",
                  "grid.png", "demo.json", "report.md", "report.html")
         return cls(root, *(root / name for name in names))
@@ -86,21 +86,21 @@ class Code:
 Block = Heading | Text | Table | Figure | Code
 
 
-def write_report(layout: Layout) -> tuple[Path, Path]:
+def write_report(folders: DemoFolders) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` from the demo's artefacts; return their paths."""
-    blocks = build(layout)
-    layout.markdown.write_text(to_markdown(blocks, layout.root))
-    layout.html.write_text(to_html(blocks))
-    return layout.markdown, layout.html
+    blocks = build(folders)
+    folders.markdown.write_text(to_markdown(blocks, folders.root))
+    folders.html.write_text(to_html(blocks))
+    return folders.markdown, folders.html
 
 
-def build(layout: Layout) -> list[Block]:
+def build(folders: DemoFolders) -> list[Block]:
     """Every section of the report, in order."""
-    summary = json.loads(layout.summary.read_text())
-    manifest = json.loads((layout.shards / "manifest.json").read_text())
-    evaluation = json.loads(layout.evaluation.read_text())
-    return [*_overview(summary, evaluation, manifest), *_dataset(manifest), *_training(layout.run),
-            *_test_metrics(evaluation, manifest), *_sweep(layout), *_predictions(layout, summary),
+    summary = json.loads(folders.summary.read_text())
+    manifest = json.loads((folders.shards / "manifest.json").read_text())
+    evaluation = json.loads(folders.evaluation.read_text())
+    return [*_overview(summary, evaluation, manifest), *_dataset(manifest), *_training(folders.run),
+            *_test_metrics(evaluation, manifest), *_sweep(folders), *_predictions(folders, summary),
             *_timings(summary), *_reproduce(summary)]
 
 
@@ -154,30 +154,30 @@ def _test_metrics(evaluation: dict, manifest: dict) -> list[Block]:
                  f"score mean Dice {_num(_background_dice(manifest))}.")]
 
 
-def _sweep(layout: Layout) -> list[Block]:
-    with (layout.sweep / "trials.csv").open(newline="") as f:
+def _sweep(folders: DemoFolders) -> list[Block]:
+    with (folders.sweep / "trials.csv").open(newline="") as f:
         trials = list(csv.DictReader(f))
-    blocks = [Heading("Learning-rate sweep"), Text(f"raypets tune with {layout.sweep_file.name}:"),
-              Code(layout.sweep_file.read_text().strip()),
+    blocks = [Heading("Learning-rate sweep"), Text(f"raypets tune with {folders.sweep_file.name}:"),
+              Code(folders.sweep_file.read_text().strip()),
               Table(SWEEP_COLUMNS, [tuple(_cell(c, row[c]) for c in SWEEP_COLUMNS) for row in trials])]
-    best_file = layout.sweep / "best.json"
+    best_file = folders.sweep / "best.json"
     if best_file.is_file():
         best = json.loads(best_file.read_text())
         blocks.append(Text(f"Best: trial {best['trial_id']} (lr {best['params']['lr']:g}), mean Dice "
                            f"{_num(best['value'])} at epoch {best['epoch']}."))
-    plot = layout.sweep / "mean_dice_vs_lr.png"
+    plot = folders.sweep / "mean_dice_vs_lr.png"
     if plot.is_file():
         blocks.append(Figure(plot, "each trial's best test mean Dice against its learning rate"))
     return blocks
 
 
-def _predictions(layout: Layout, summary: dict) -> list[Block]:
+def _predictions(folders: DemoFolders, summary: dict) -> list[Block]:
     predicted = summary["predict"]
     return [Heading("Predictions"),
-            Text(f"raypets predict wrote {predicted['written']} test image(s) into {layout.predictions} "
+            Text(f"raypets predict wrote {predicted['written']} test image(s) into {folders.predictions} "
                  f"({sum(predicted['skipped'].values())} skipped). Each row: input | prediction | ground truth, "
                  "class ids 0 pet, 1 background, 2 border."),
-            Figure(layout.grid, "input | prediction | ground truth")]
+            Figure(folders.grid, "input | prediction | ground truth")]
 
 
 def _timings(summary: dict) -> list[Block]:

@@ -15,12 +15,13 @@ import ray
 import torch
 
 from raypets.checkpoints import load_model, resolve_checkpoint
-from raypets.data.shards import open_split, read_manifest
 from raypets.errors import UserError
 from raypets.inference import ModelRunner
 from raypets.metrics import ConfusionMatrix, format_metric
-from raypets.model import check_image_size
-from raypets.runtime import cpu_share, init_ray, use_gpus
+from raypets.model import require_image_size
+from raypets.outputs import check_output_file
+from raypets.stages.runtime import cpu_share, init_ray, use_gpus
+from raypets.stages.shards import open_split, read_manifest
 from raypets.storage import Location
 
 
@@ -50,10 +51,7 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
     resolved = resolve_checkpoint(checkpoint)
     manifest = read_manifest(data)
     size = manifest["image_size"]
-    try:
-        check_image_size(size["height"], size["width"])
-    except ValueError as err:
-        raise UserError(f"{data}: {err}") from None
+    require_image_size(size["height"], size["width"], str(data))
     model = load_model(resolved, network=network)  # a checkpoint that does not fit fails here, before any Ray work
     classes = list(manifest["classes"])
     dataset = open_split(data, split, columns=["image", "mask"], manifest=manifest)
@@ -73,7 +71,7 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
             "images": result["total_pixels"] // (size["height"] * size["width"]), **result}
 
 
-def format_table(result: dict) -> str:
+def format_metrics(result: dict) -> str:
     """A per-class table of Dice, IoU and pixel counts, then the means, as a person reads it."""
     lines = [f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['images']} images)",
              f"{'class':<12}{'Dice':>8}{'IoU':>8}{'true px':>12}{'pred px':>12}"]
@@ -87,11 +85,9 @@ def format_table(result: dict) -> str:
 
 def write_json(result: dict, path: Path, overwrite: bool = False) -> None:
     """The result as JSON (NaN as null); an existing file is replaced only when asked."""
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: exists; pass --overwrite to replace it or choose another --out")
+    check_output_file(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_nan_to_none(result), indent=2) + "\n")
-
 
 
 def _nan_to_none(value):

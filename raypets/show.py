@@ -1,39 +1,15 @@
-"""Plots of a run's curves and the input | prediction | truth grid (the demo's report: report_page). No Ray."""
+"""``raypets show``: the tutorial's figure, input | prediction | ground truth per row, from a predict output. No Ray."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import h5py
 import numpy as np
+from PIL import Image
 
 from raypets.errors import UserError
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  after choosing the headless backend
-
-
-def plot_curves(history: list[dict], out_dir: Path) -> list[Path]:
-    """``loss.png`` (train and test loss) and ``dice.png`` (mean and per-class test Dice) per epoch."""
-    epochs = [m["epoch"] for m in history]
-    written = []
-    for name, series, ylabel in (
-        ("loss.png", ["train_loss", "test_loss"], "loss"),
-        ("dice.png", ["mean_dice"] + sorted(k for k in history[0] if k.startswith("dice_")), "test Dice"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        for key in series:
-            ax.plot(epochs, [m[key] if m[key] is not None else float("nan") for m in history], marker="o",
-                    label=key.replace("dice_", "Dice "))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / name)
-        plt.close(fig)
-        written.append(out_dir / name)
-    return written
+from raypets.plots import plt
 
 
 def show_predictions(output: Path, out: Path, *, images: Path | None = None, truth: Path | None = None,
@@ -41,9 +17,6 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
     """The tutorial's figure from a ``raypets predict`` folder: a row per sample (first ``rows`` by name) with the
     input (when ``images`` is given), the predicted class ids at network resolution, and the ground truth (when
     ``truth`` holds a class-id mask named like the image, any image suffix)."""
-    import h5py
-    from PIL import Image
-
     if rows < 1:
         raise UserError(f"--rows must be at least 1, got {rows}")
     index = output / "predictions.h5"
@@ -83,8 +56,6 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
 def _dataset_names(group, prefix: str = "") -> list[str]:
     """Every dataset's path under ``group``, through the external links that predictions.h5 holds (which h5py's
     ``visititems`` does not follow)."""
-    import h5py
-
     names = []
     for key, item in group.items():
         if isinstance(item, h5py.Dataset):
@@ -106,21 +77,3 @@ def _mask_for(folder: Path, name: str) -> Path:
     for candidate in sorted((folder / stem.parent).glob(f"{stem.name}.*")):
         return candidate
     raise UserError(f"{folder / stem}.*: no ground-truth mask for {name}")
-
-
-def plot_metric_vs_lr(points: list[tuple[float, float, bool]], metric: str, path: Path) -> Path:
-    """A sweep's best ``metric`` per trial against its learning rate (log scale); trials ASHA stopped early hollow."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for early, label, face in ((False, "ran to the end", None), (True, "stopped early", "none")):
-        chosen = [(lr, value) for lr, value, stopped in points if stopped == early]
-        if chosen:
-            ax.scatter(*zip(*chosen, strict=True), label=label, facecolors=face, edgecolors="C0")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"best {metric}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

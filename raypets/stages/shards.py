@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+import ray.data  # also registers the tensor extension type of the shards' columns
 
 from raypets import storage
 from raypets.errors import UserError
+from raypets.stages.runtime import data_context
 from raypets.storage import Location
 
 
@@ -19,10 +20,7 @@ def read_manifest(data: Location) -> dict:
         if not storage.is_dir(data):
             raise UserError(f"{data}: prepared data folder does not exist")
         raise UserError(f"{data}: not a prepared dataset (no manifest.json); run `raypets prepare` first")
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+    manifest = storage.read_json(path)
     for key in ("counts", "classes", "image_size"):
         if key not in manifest:
             raise UserError(f"{path}: missing key {key!r}; re-run `raypets prepare`")
@@ -40,10 +38,6 @@ def split_path(data: Location, split: str, manifest: dict | None = None) -> Loca
 def open_split(data: Location, split: str, columns: list[str] | None = None, manifest: dict | None = None):
     """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...);
     ``manifest``: ``read_manifest(data)`` read already (each read is three requests at a URI)."""
-    import ray
-
-    from raypets.runtime import data_context
-
     manifest = manifest or read_manifest(data)
     path = split_path(data, split, manifest)
     if manifest["counts"][split] == 0:
@@ -59,7 +53,6 @@ def open_split(data: Location, split: str, columns: list[str] | None = None, man
 def load_split(data: str | Path, split: str) -> dict[str, np.ndarray]:
     """The whole split in memory as NumPy arrays sorted by name (for tests and small plain-PyTorch loops)."""
     import pyarrow.parquet as pq
-    import ray.data  # noqa: F401  registers Ray's tensor extension type that the shards' columns use
 
     path = Path(split_path(data, split))
     if not any(path.glob("*.parquet")):

@@ -3,19 +3,16 @@
 The driver lists the files and loads the checkpoint once (a wrong one fails here, before any Ray work). Then a CPU
 stage reads, decodes (any format and mode, repaired to RGB) and resizes each image; a file that cannot be decoded
 becomes a row with its reason instead of an exception. An actor pool holds the model (one GPU per actor, or CPU
-actors, into which Ray Data then fuses the decode stage) and skips those rows; :class:`raypets.hdf5.HDF5Sink` writes
-the softmax of the others and lists the rest. Batches are formed in input order, so a re-run gives the same floats.
-Everything is written into a hidden ``.OUTPUT.partial`` folder beside OUTPUT and renamed into place once complete; an
-OUTPUT URI (``s3://...``) is written into a local temp folder and uploaded once complete. The checkpoint may be a URI.
+actors, into which Ray Data then fuses the decode stage) and skips those rows; :class:`raypets.stages.hdf5.HDF5Sink`
+writes the softmax of the others and lists the rest. Batches are formed in input order, so a re-run gives the same
+floats. The output is built where no reader sees it half-written (:func:`raypets.outputs.staged_output`: a hidden
+``.OUTPUT.partial`` folder, or a local temp folder uploaded to an OUTPUT URI). The checkpoint may be a URI.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,13 +28,15 @@ from torch import nn
 
 from raypets import storage
 from raypets.checkpoints import Checkpoint, load_model, resolve_checkpoint
-from raypets.config import CLASS_NAMES, DEVICES, check_output_folder
+from raypets.classes import class_names
+from raypets.config import DEVICES
 from raypets.data.decode import IMAGE_SUFFIXES, DecodeError, decode_image, resize_image, resize_mask
 from raypets.errors import UserError
-from raypets.hdf5 import INDEX_FILE, OUTPUT_FILE, HDF5Sink
 from raypets.inference import ModelRunner
-from raypets.model import check_image_size
-from raypets.runtime import cpu_share, init_ray, use_gpus
+from raypets.model import require_image_size
+from raypets.outputs import check_output_folder, staged_output
+from raypets.stages.hdf5 import INDEX_FILE, OUTPUT_FILE, HDF5Sink
+from raypets.stages.runtime import cpu_share, init_ray, use_gpus
 from raypets.storage import Location
 
 PRECISIONS = {"single": "float32", "half": "float16"}
@@ -72,16 +71,11 @@ class PredictConfig:
             (self.device in DEVICES, f"unknown device {self.device!r}; choose {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose single or half"),
             (self.normalize is None or self.normalize[1] > 0, f"normalize std must be positive: {self.normalize}"),
-            (self.input.exists(), f"{self.input}: input does not exist"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        try:
-            check_image_size(*self.size)
-        except ValueError as err:
-            raise UserError(f"--size: {err}") from None
-        check_output_folder(self.output, PREDICT_ENTRIES, self.overwrite, "prediction output")
+        require_image_size(*self.size, "--size")
 
 
 @dataclass(frozen=True)
@@ -126,8 +120,12 @@ def png_names(names: list[str]) -> list[str]:
 
 
 def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
-    """Predict every image of ``cfg.input`` into ``cfg.output``; return the summary (see :func:`format_summary`)."""
+    """Predict every image of ``cfg.input`` into ``cfg.output``; return the summary (see :func:`describe_predictions`).
+    """
     started = time.perf_counter()
+    if not cfg.input.exists():
+        raise UserError(f"{cfg.input}: input does not exist")
+    check_output_folder(cfg.output, "prediction output", ours=PREDICT_ENTRIES, overwrite=cfg.overwrite)
     uri = storage.is_uri(cfg.output)
     inputs = list_inputs(cfg.input, exclude=None if uri else cfg.output)
     if not inputs.paths:
@@ -137,7 +135,7 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
     model = load_model(checkpoint, network=cfg.network)
     with torch.inference_mode():
         num_classes = model(torch.zeros(1, 3, *cfg.size)).shape[1]
-    classes = class_names(checkpoint, num_classes)
+    classes = checkpoint_classes(checkpoint, num_classes)
     init_ray(address)
     workers = cfg.workers or default_workers(cfg.device)
     use_gpu = use_gpus(cfg.device, workers, "model actor")
@@ -145,13 +143,7 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
              "checkpoint": checkpoint.uri or str(checkpoint.weights.resolve())}
     hook = partial(write_pngs, masks=cfg.masks, overlays=cfg.overlays,
                    background=classes.index("background") if "background" in classes else -1)
-    if uri:
-        staging = Path(tempfile.mkdtemp(prefix="raypets-predict-"))
-    else:
-        staging = cfg.output.parent / f".{cfg.output.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    try:
+    with staged_output(cfg.output, local=True) as staging:  # h5py writes local files
         sink = HDF5Sink(staging, attrs, on_row=hook if cfg.masks or cfg.overlays else None)
         rows = [{"path": path, "key": key, "png": png}
                 for path, key, png in zip(inputs.paths, inputs.names, png_names(inputs.names), strict=True)]
@@ -172,15 +164,6 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
         predicted.write_datasink(sink, concurrency=1)
         with open(staging / ERRORS_FILE, "w", newline="") as out:
             csv.writer(out).writerows([("file", "reason", "detail"), *sink.errors])
-        if uri:
-            storage.remove_contents(cfg.output)  # empty, or an earlier prediction --overwrite may replace
-            storage.upload(staging, cfg.output)
-        else:
-            if cfg.output.exists():
-                shutil.rmtree(cfg.output)  # empty, or an earlier prediction --overwrite may replace
-            staging.rename(cfg.output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
     return {"output": str(cfg.output), "written": len(sink.written), "ignored": inputs.ignored,
             "skipped": dict(Counter(reason for _, reason, _ in sink.errors).most_common()),
@@ -188,7 +171,7 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
             "device": "gpu" if use_gpu else "cpu"}
 
 
-def format_summary(summary: dict) -> str:
+def describe_predictions(summary: dict) -> str:
     """The lines ``raypets predict`` prints: written, skipped per reason, ignored, speed."""
     skipped = sum(summary["skipped"].values())
     lines = [f"predicted {summary['written']} image(s) into {summary['output']} in {summary['seconds']:.1f} s "
@@ -200,17 +183,15 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def class_names(checkpoint: Checkpoint, num_classes: int) -> list[str]:
+def checkpoint_classes(checkpoint: Checkpoint, num_classes: int) -> list[str]:
     """The classes of the training data's manifest when reachable, else raypets' own (or class_<i>)."""
     data = (checkpoint.train_config or {}).get("data")
     manifest = storage.join(storage.parse(data), "manifest.json") if data else None
     try:
-        classes = json.loads(storage.read_text(manifest)).get("classes", []) if manifest else []
+        classes = storage.read_json(manifest).get("classes", []) if manifest else []
     except UserError:  # no manifest there (any more), or not reachable from here
         classes = []
-    if len(classes) == num_classes:
-        return list(classes)
-    return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in range(num_classes)]
+    return list(classes) if len(classes) == num_classes else list(class_names(num_classes))
 
 
 def default_workers(device: str) -> int:
