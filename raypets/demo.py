@@ -175,7 +175,7 @@ def _prepare(demo: _Demo) -> list:
 
 
 def _train(demo: _Demo) -> list:
-    folders = demo.layout
+    folders = demo.folders
     final = train(TrainConfig(data=folders.shards, run_dir=folders.run, workers=demo.workers, device=demo.device,
                               **demo.settings.training()))
     print(f"finished epoch {final['epoch']}: test mean Dice {final['mean_dice']:.4f}")
@@ -199,7 +199,7 @@ def _tune(demo: _Demo) -> list:
 
 
 def _evaluate(demo: _Demo) -> list:
-    folders = demo.layout
+    folders = demo.folders
     result = evaluate(folders.run, folders.shards, "test", device=demo.device)
     print(format_metrics(result))
     write_json(result, folders.evaluation)
@@ -218,7 +218,7 @@ def _predict(demo: _Demo) -> list:
 
 
 def _show(demo: _Demo) -> list:
-    folders = demo.layout
+    folders = demo.folders
     show_predictions(folders.predictions, folders.grid, images=folders.test_images, truth=folders.test_masks,
                      rows=demo.settings.rows)
     return ["show", folders.predictions, "--images", folders.test_images, "--truth", folders.test_masks,
