@@ -54,9 +54,10 @@ def ray_local():
 
     os.environ.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rp-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    tests = str(Path(__file__).resolve().parent)  # Ray's processes unpickle callbacks defined in test modules
+    # Ray's processes unpickle callbacks defined in test modules, and import raypets from where this process does.
+    pythonpath = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_ports(1)[0], _temp_dir=temp_dir,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": tests}})
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
