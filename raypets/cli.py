@@ -195,15 +195,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "epochs", "batch_size", "test_batch_size", "lr", "optimizer",
-                "loss", "warmup_steps", "bn_momentum", "hflip", "vflip", "network", "checkpoint_every", "keep",
-                "max_failures", "resume", "seed", "name"}
+_TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "precision", "sync_bn", "compile", "data_cache", "epochs",
+                "batch_size", "test_batch_size", "lr", "optimizer", "loss", "warmup_steps", "bn_momentum", "hflip",
+                "vflip", "network", "checkpoint_every", "keep", "max_failures", "resume", "seed", "name"}
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    from raypets.config import RECIPES
+    from raypets.config import DATA_CACHES, RECIPES
     from raypets.losses import LOSSES
     from raypets.optim import OPTIMIZERS
+    from raypets.precision import PRECISIONS
 
     parser.add_argument("--config", type=_local, help="an rmldnn training config; flags override it")
     parser.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), a folder or a URI")
@@ -211,6 +212,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="folder for checkpoints, logs and plots, or a URI (s3://, gs://...)")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     _add_device_args(parser)
+    parser.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 on GPUs that have it, fp16 "
+                        "with loss scaling on older ones (V100, T4), fp32 on CPUs")
+    parser.add_argument("--sync-bn", action="store_true", default=None,
+                        help="BatchNorm statistics over the whole global batch (SyncBatchNorm; GPU workers)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the model (a cold compile costs tens of seconds)")
+    parser.add_argument("--data-cache", choices=DATA_CACHES, help="memory: read the shards once into Ray's object "
+                        "store; stream: read them each epoch; auto (default): stream when they would take more than "
+                        "half of the object store")
     parser.add_argument("--epochs", type=int, help="default 30")
     parser.add_argument("--batch-size", type=int, help="global batch, split over workers (default 64)")
     parser.add_argument("--test-batch-size", type=int, help="global test batch (default 128)")

@@ -10,9 +10,11 @@ from raypets import storage
 from raypets.errors import UserError
 from raypets.losses import LOSSES
 from raypets.optim import OPTIMIZERS, check_lr_schedule, learning_rate
+from raypets.precision import PRECISIONS
 from raypets.storage import Location
 
 DEVICES = ("auto", "cpu", "gpu")
+DATA_CACHES = ("auto", "memory", "stream")
 
 # Where the default recipe deviates from the tutorial's literal one, and why (README "Training"): a linear LR
 # warm-up stops the Dice loss collapsing to all-background early, and torch's BN momentum keeps the running
@@ -38,6 +40,11 @@ class TrainConfig:
     run_dir: Location
     workers: int = 1
     device: str = "auto"
+    gpus_per_worker: float = 1.0  # a fraction shares a GPU between one-worker runs (a sweep's trials)
+    precision: str = "auto"  # raypets.precision: bf16 on GPUs that have it, fp16 on older ones, fp32 on a CPU
+    sync_bn: bool = False
+    compile: bool = False
+    data_cache: str = "auto"  # memory: splits read once into the object store; stream: read each epoch
     epochs: int = 30
     batch_size: int = 64
     test_batch_size: int = 128
@@ -66,6 +73,14 @@ class TrainConfig:
         checks = [
             (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
             (self.device in DEVICES, f"unknown device {self.device!r}; choose {', '.join(DEVICES)}"),
+            (0 < self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer() and self.gpus_per_worker > 0,
+             f"GPUs per worker must be a fraction in (0, 1] or a whole number, got {self.gpus_per_worker:g}"),
+            (self.gpus_per_worker >= 1 or self.workers == 1,
+             f"{self.gpus_per_worker:g} of a GPU per worker needs one worker per run ({self.workers} asked): two "
+             "NCCL ranks cannot share a GPU"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}"),
+            (self.data_cache in DATA_CACHES,
+             f"unknown data cache {self.data_cache!r}; choose {', '.join(DATA_CACHES)}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= self.workers,
              f"--batch-size {self.batch_size} is global and must be at least --workers {self.workers}"),

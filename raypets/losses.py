@@ -1,7 +1,8 @@
 """Segmentation losses on logits (N, C, H, W) and class-id targets (N, H, W), as rmldnn defines them.
 
 All losses compute in float32, also under bf16/fp16 autocast, and take ``ignore_index`` (pixels whose target
-equals it count nowhere; ``None``: every pixel counts).
+equals it count nowhere; ``None``: every pixel counts). Target values are checked unless ``check_values=False``
+(a training loop whose targets were checked when prepared: the check reads a value back to the host each call).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _as_weight(weight: Weight) -> Tensor | None:
     return w
 
 
-def _check_target(logits: Tensor, target: Tensor, ignore_index: int | None) -> None:
+def _check_target(logits: Tensor, target: Tensor, ignore_index: int | None, values: bool = True) -> None:
     """Raise ValueError unless ``target`` holds class ids in [0, C) (or ``ignore_index``) of logits' shape."""
     if logits.ndim < 3:
         raise ValueError(f"logits must be (N, C, H, W), got shape {tuple(logits.shape)}")
@@ -38,6 +39,8 @@ def _check_target(logits: Tensor, target: Tensor, ignore_index: int | None) -> N
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
+    if not values:
+        return
     num_classes = logits.shape[1]
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
@@ -74,6 +77,7 @@ class _OverlapLoss(nn.Module):
         eps: float = 1e-7,
         ignore_index: int | None = None,
         weight: Weight = None,
+        check_values: bool = True,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -83,6 +87,7 @@ class _OverlapLoss(nn.Module):
         self.source = source
         self.eps = eps
         self.ignore_index = ignore_index
+        self.check_values = check_values
         self.register_buffer("weight", _as_weight(weight))
 
     def probabilities(self, logits: Tensor) -> Tensor:
@@ -97,7 +102,7 @@ class _OverlapLoss(nn.Module):
         raise NotImplementedError
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        _check_target(logits, target, self.ignore_index)
+        _check_target(logits, target, self.ignore_index, self.check_values)
         num_classes = logits.shape[1]
         if self.weight is not None and self.weight.numel() != num_classes:
             raise ValueError(f"weight has {self.weight.numel()} values but logits have {num_classes} classes")
@@ -169,11 +174,13 @@ class DiceCELoss(nn.Module):
         weight: Weight = None,
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,
+        check_values: bool = True,
     ) -> None:
         super().__init__()
         if dice_weight < 0 or ce_weight < 0:
             raise ValueError(f"dice_weight and ce_weight must be >= 0, got {dice_weight} and {ce_weight}")
-        self.dice = DiceLoss(source=source, eps=eps, ignore_index=ignore_index, weight=weight)
+        self.dice = DiceLoss(source=source, eps=eps, ignore_index=ignore_index, weight=weight,
+                             check_values=check_values)
         self.ce = CrossEntropyLoss(ignore_index=ignore_index, weight=weight)
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight
@@ -206,10 +213,11 @@ def make_loss(
     source: str = "softmax",
     ignore_index: int | None = None,
     weight: Weight = None,
+    check_values: bool = True,
     **kw: float,
 ) -> nn.Module:
-    """The loss ``name`` (see :data:`LOSSES`). Cross-entropy needs ``source`` softmax or log_softmax. ``kw`` goes
-    to the loss's constructor (``eps``; ``dice_weight``, ``ce_weight``)."""
+    """The loss ``name`` (see :data:`LOSSES`). Cross-entropy needs ``source`` softmax or log_softmax (and checks
+    its targets itself). ``kw`` goes to the loss's constructor (``eps``; ``dice_weight``, ``ce_weight``)."""
     cls = LOSSES[loss_name(name)]
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
@@ -217,4 +225,4 @@ def make_loss(
         raise ValueError(f"loss {name!r} uses softmax cross-entropy; source must be softmax or log_softmax")
     if cls is CrossEntropyLoss:
         return cls(ignore_index=ignore_index, weight=weight, **kw)
-    return cls(source=source, ignore_index=ignore_index, weight=weight, **kw)
+    return cls(source=source, ignore_index=ignore_index, weight=weight, check_values=check_values, **kw)

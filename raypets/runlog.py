@@ -41,9 +41,11 @@ class RunLog:
         self.metrics.write_text("".join(f"{line}\n" for line in kept))
         self._sync()
 
-    def batch(self, epoch: int, batch: int, seconds: float, loss: float, grad_norm: float, lr: float) -> None:
+    def batches(self, epoch: int, rows: list[tuple[float, float, float, float]]) -> None:
+        """The train log's lines of one epoch: (seconds into the epoch, loss, gradient norm, lr) per batch."""
         with self.train.open("a") as f:
-            f.write(f"{epoch} {batch} {seconds:.3f} {loss:.6f} {grad_norm:.6f} {lr:.6g}\n")
+            f.writelines(f"{epoch} {index} {seconds:.3f} {loss:.6f} {norm:.6f} {lr:.6g}\n"
+                         for index, (seconds, loss, norm, lr) in enumerate(rows, start=1))
 
     def epoch(self, metrics: dict) -> None:
         with self.test.open("a") as f:

@@ -111,7 +111,7 @@ def test_the_run_log_at_a_uri_is_uploaded_each_epoch_and_trimmed_on_resume(bucke
     log = RunLog(run, "raypets")
     log.start(last_epoch=0)
     for epoch in (1, 2):
-        log.batch(epoch, 1, 0.5, 0.9, 1.0, 1e-3)
+        log.batches(epoch, [(0.5, 0.9, 1.0, 1e-3)])
         log.epoch({"epoch": epoch, "test_loss": 0.8, "pixel_accuracy": 0.5, "mean_iou": 0.3, "mean_dice": 0.4})
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
     log.close()

@@ -18,6 +18,7 @@ from raypets.config import TrainConfig
 from raypets.errors import UserError
 from raypets.metrics import ConfusionMatrix
 from raypets.model import XceptionUNet, to_inputs
+from raypets.precision import resolve_precision
 from raypets.runlog import read_metrics
 from raypets.stages.shards import load_split
 from raypets.stages.train import train
@@ -128,7 +129,8 @@ def test_resume_after_the_run_is_killed(shards, tmp_path):
 
 def test_a_killed_worker_is_recovered_from_the_last_checkpoint(shards, tmp_path):
     run = tmp_path / "run"
-    cfg = TrainConfig(data=shards, run_dir=run, epochs=3, checkpoint_every=1, max_failures=1, **FAST)
+    cfg = TrainConfig(data=shards, run_dir=run, epochs=3, checkpoint_every=1, max_failures=1, data_cache="stream",
+                      **FAST)  # the shards read each epoch, and again by the restarted workers
     final = train(cfg, callbacks=[KillAtEpoch(2, "worker")])
     assert final["epoch"] == 3
     epochs = [m["epoch"] for m in read_metrics(run)]
@@ -149,6 +151,16 @@ def test_bad_settings_end_in_one_clear_message(tmp_path, capsys):
         TrainConfig(data=tmp_path, run_dir=tmp_path, workers=4, batch_size=2)
     assert main(["train", "--data", str(tmp_path / "raw"), "--run-dir", str(tmp_path / "run")]) == 2
     assert "raypets: error:" in capsys.readouterr().err
+
+
+def test_gpu_settings_that_cannot_work_are_refused_before_training(shards, tmp_path):
+    with pytest.raises(UserError, match="--sync-bn needs GPU workers"):
+        train(TrainConfig(data=shards, run_dir=tmp_path / "run", sync_bn=True, **FAST))
+    with pytest.raises(UserError, match="0.25 of a GPU per worker needs one worker per run \\(2 asked\\)"):
+        TrainConfig(data=shards, run_dir=tmp_path, gpus_per_worker=0.25, workers=2)
+    with pytest.raises(UserError, match="--precision fp16 needs a GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule(tmp_path):

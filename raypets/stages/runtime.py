@@ -12,6 +12,7 @@ import ray
 from raypets.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"  # see fast_reports
 # Ray Data logs an execution plan and a "finished" line for every pass over a dataset, from every Train worker and
 # split coordinator, which drowns the epoch lines: the worker processes of a local start log it at WARNING only
 # (the driver keeps its progress).
@@ -84,10 +85,24 @@ def cpu_share(workers: int) -> float:
     return min(1.0, max(0.1, (cpus - 1) / workers))
 
 
-def use_gpus(device: str, workers: int, what: str = "worker") -> bool:
-    """Whether ``workers`` workers run on one GPU each: ``device`` "gpu" demands it (one clear error when the
-    cluster has too few), "cpu" refuses it, "auto" takes it when the cluster has a GPU per worker."""
+def use_gpus(device: str, workers: int, what: str = "worker", per_worker: float = 1.0) -> bool:
+    """Whether ``workers`` workers run on ``per_worker`` GPUs each: ``device`` "gpu" demands it (one clear error when
+    the cluster has too few), "cpu" refuses it, "auto" takes it when the cluster has enough."""
     gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "gpu" and gpus < workers:
+    if device == "gpu" and gpus < workers * per_worker:
         raise UserError(f"--gpu asks for {workers} GPU {what}(s), the cluster has {gpus:g} GPU(s)")
-    return device == "gpu" or (device == "auto" and gpus >= workers)
+    return device == "gpu" or (device == "auto" and gpus >= workers * per_worker)
+
+
+def fast_reports() -> None:
+    """Let Ray Train's controller collect a worker's ``ray.train.report`` every 0.1 s instead of every 2 s.
+
+    The worker waits for that poll at each report, so the default added up to 2 s to every epoch (docs/
+    benchmarks.md). The controller takes the variable from the environment of the process that calls ``fit()``
+    (this one), on local Ray and on a cluster alike; a value the user set is kept."""
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+
+
+def object_store_bytes() -> float:
+    """The cluster's object store capacity."""
+    return ray.cluster_resources().get("object_store_memory", 0.0)

@@ -19,11 +19,21 @@ from raypets.config import TrainConfig
 from raypets.errors import UserError
 from raypets.model import build_network, count_parameters, require_image_size
 from raypets.plots import plot_curves
+from raypets.precision import require_cuda
 from raypets.runlog import read_metrics
-from raypets.stages.runtime import cpu_share, data_context, init_ray, use_gpus
+from raypets.stages.runtime import (
+    cpu_share,
+    data_context,
+    fast_reports,
+    init_ray,
+    object_store_bytes,
+    use_gpus,
+)
 from raypets.stages.shards import open_split, read_manifest
 from raypets.stages.train_loop import train_loop_per_worker
 from raypets.storage import Location
+
+MEMORY_SHARE = 0.5  # --data-cache auto keeps splits in the object store up to this share of it, else streams
 
 
 def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | None = None,
@@ -50,15 +60,20 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     storage.check_bucket(cfg.run_dir)
 
     init_ray(address)
-    use_gpu = use_gpus(cfg.device, cfg.workers)
+    use_gpu = use_gpus(cfg.device, cfg.workers, per_worker=cfg.gpus_per_worker)
+    if cfg.sync_bn and not use_gpu:
+        raise UserError("--sync-bn needs GPU workers (torch's SyncBatchNorm runs on CUDA only)")
+    if use_gpu:
+        check_cuda_workers(cfg.gpus_per_worker)
+    fast_reports()
     filesystem, storage_path = storage.filesystem(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg, use_gpu)),
-        datasets=datasets or load_datasets(cfg.data, manifest),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets or load_datasets(cfg.data, manifest, cfg.data_cache),
+        dataset_config=ExactTestSplit(),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -91,23 +106,64 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
         f"{', schedule ' + cfg.lr_scheduler['type'] if cfg.lr_scheduler else ''}), BN momentum {cfg.bn_momentum:g}",
         f"  loss {cfg.loss} (source {cfg.loss_source}), {cfg.epochs} epochs, seed {cfg.seed}",
         f"  data {cfg.data}: {counts['train']} train / {counts['test']} test images at "
-        f"{size['width']}x{size['height']}; per worker ~{counts['train'] // cfg.workers} train, "
-        f"test batches shared",
-        f"  {cfg.workers} worker(s) on {'GPU (bf16 autocast, channels_last)' if use_gpu else 'CPU'}, batch "
+        f"{size['width']}x{size['height']}; per worker ~{counts['train'] // cfg.workers} train and "
+        f"~{counts['test'] // cfg.workers} test",
+        f"  {cfg.workers} worker(s) on {'GPU' if use_gpu else 'CPU'} (precision {cfg.precision}, channels_last"
+        f"{', SyncBatchNorm' if cfg.sync_bn else ''}{', torch.compile' if cfg.compile else ''}), batch "
         f"{cfg.batch_size} = {cfg.batch_size // cfg.workers} per worker, test batch {cfg.test_batch_size}",
         f"  run folder {cfg.run_dir}",
     ])
 
 
-def load_datasets(data: Location, manifest: dict) -> dict:
-    """Both splits of the prepared ``data`` (with its ``manifest``) read once into Ray's object store (spilled to disk
-    when large), so that the epochs re-read no Parquet: at 160 px the whole Oxford-IIIT Pet set is about 0.6 GB."""
+def load_datasets(data: Location, manifest: dict, cache: str = "auto") -> dict:
+    """Both splits of the prepared ``data`` (with its ``manifest``) as Ray Datasets: ``memory`` reads them once into
+    Ray's object store (spilled to disk when large; at 160 px the Oxford-IIIT Pet set is about 0.6 GB), so the epochs
+    re-read no Parquet; ``stream`` reads the shards each epoch, the training split's blocks in a new order each time
+    (with the loop's local shuffle buffer); ``auto`` streams splits larger than ``MEMORY_SHARE`` of the object store."""
+    if cache == "auto":
+        cache = "stream" if dataset_bytes(manifest) > MEMORY_SHARE * object_store_bytes() else "memory"
     # Progress logged where the epochs iterate them, not sent as bars to the driver (which draws none without tqdm).
     with data_context(use_ray_tqdm=False):
-        return {split: open_split(data, split, columns=["image", "mask"], manifest=manifest).materialize()
-                for split in ("train", "test")}
+        splits = {split: open_split(data, split, columns=["image", "mask"], manifest=manifest)
+                  for split in ("train", "test")}
+        if cache == "memory":
+            return {split: dataset.materialize() for split, dataset in splits.items()}
+        return {"train": splits["train"].randomize_block_order(), "test": splits["test"]}
+
+
+def dataset_bytes(manifest: dict) -> int:
+    """What both splits' images and masks take in memory."""
+    size = manifest["image_size"]
+    return sum(manifest["counts"].values()) * size["height"] * size["width"] * 4  # 3 image channels + the mask
+
+
+def check_cuda_workers(per_worker: float) -> None:
+    """One clear error, before a run starts, when a GPU worker's torch sees no CUDA device (a node whose driver is
+    too old for the installed torch wheel would otherwise train on its CPU)."""
+    try:
+        ray.get(ray.remote(num_gpus=per_worker, num_cpus=0)(require_cuda).remote())
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None
+
+
+class ExactTestSplit(ray.train.DataConfig):
+    """The training split in equal shares, as Ray Train splits it; the test split in shares that hold every image
+    exactly once (Ray's equal split may drop a few), so each worker reads only its own test share."""
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=["train"])
+
+    def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
+        rest = {name: dataset for name, dataset in datasets.items() if name != "test"}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        test = datasets["test"].copy(datasets["test"])
+        test.context.execution_options = self._resolve_execution_options("test")
+        for shard, split in zip(output, test.streaming_split(world_size, equal=False), strict=True):
+            shard["test"] = split
+        return output
 
 
 def worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
-    """One GPU and CPU per GPU worker; CPU workers get ``cpu_share`` (a free slot stays for Ray Data)."""
-    return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": cpu_share(cfg.workers)}
+    """``cfg.gpus_per_worker`` GPUs and a CPU per GPU worker; CPU workers get ``cpu_share`` (a free slot stays for
+    Ray Data)."""
+    return {"CPU": 1, "GPU": cfg.gpus_per_worker} if use_gpu else {"CPU": cpu_share(cfg.workers)}

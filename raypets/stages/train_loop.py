@@ -13,6 +13,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -29,6 +31,7 @@ from raypets.losses import make_loss
 from raypets.metrics import ConfusionMatrix
 from raypets.model import build_network, to_inputs
 from raypets.optim import make_optimizer
+from raypets.precision import Precision, require_cuda, resolve_precision
 from raypets.runlog import RunLog
 
 COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels counts as a collapse
@@ -38,7 +41,7 @@ def random_flips(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.
     """rmldnn's random_horizontal_flip / random_vertical_flip, per sample, on images and masks alike."""
     for prob, dim in ((cfg.hflip, -1), (cfg.vflip, -2)):
         if prob:
-            flip = (torch.rand(x.shape[0], generator=gen) < prob).to(x.device)
+            flip = (torch.rand(x.shape[0], generator=gen) < prob).to(x.device, non_blocking=True)
             x = torch.where(flip[:, None, None, None], x.flip(dim), x)
             y = torch.where(flip[:, None, None], y.flip(dim), y)
     return x, y
@@ -52,7 +55,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = config["use_gpu"]
+    if use_gpu:
+        require_cuda()
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN picks its fastest kernels once
     device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.precision, device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
     # Ray Train logs every report at INFO through a logger outside ray.train (LoggingConfig misses it): rank 0's
@@ -65,14 +72,18 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
     elif cfg.init_weights:
         model.load_state_dict(torch.load(cfg.init_weights, map_location="cpu", weights_only=True))
-    if use_gpu:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    if cfg.compile:
+        model = torch.compile(model)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-    loss_fn = make_loss(cfg.loss, source=cfg.loss_source)
+    # The shards' masks were checked when prepared: checking them again would read back to the host every step.
+    loss_fn = make_loss(cfg.loss, source=cfg.loss_source, check_values=False)
     start_epoch = state["epoch"] + 1 if state else 1
     step = state["step"] if state else 0
     log = RunLog(cfg.run_dir, cfg.name) if rank == 0 else None
@@ -80,57 +91,100 @@ def train_loop_per_worker(config: dict) -> None:
         log.start(last_epoch=start_epoch - 1)
 
     train_shard = ray.train.get_dataset_shard("train")
-    test_data = ray.train.get_dataset_shard("test")
+    test_shard = ray.train.get_dataset_shard("test")
+    started = time.perf_counter()  # an epoch's time runs from the previous report to this one: it is all it costs
     for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # same on resume
-        model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss * n, n
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size // world, local_shuffle_buffer_size=max(cfg.batch_size, 256),
-            local_shuffle_seed=cfg.seed * 1_000 + epoch)
-        for batch_index, batch in enumerate(batches, start=1):
-            x, y = random_flips(*_tensors(batch, cfg, device, use_gpu), cfg, gen)
-            lr = cfg.lr_at(step, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            optimizer.step()
-            loss_sum += _weighted(loss.detach(), len(x), device)
-            step += 1
-            if log:
-                log.batch(epoch, batch_index, time.perf_counter() - started, loss.item(), grad_norm.item(), lr)
+            local_shuffle_seed=cfg.seed * 1_000 + epoch, prefetch_batches=2, pin_memory=use_gpu)
+        trained = train_epoch(model, batches, optimizer, scaler, loss_fn, cfg, precision, epoch=epoch, step=step,
+                              gen=gen, record=log is not None)
+        step = trained.step
+        _all_reduce(trained.sums)
+        train_loss = _mean(trained.sums)  # reads back to the host: the epoch's device work is done after it
         train_time = time.perf_counter() - started
-        _all_reduce(loss_sum)
-        test = test_metrics(model, test_data, cfg, classes, device, use_gpu, loss_fn, rank, world)
+        test = score_test_split(model, test_shard, cfg, classes, precision, loss_fn, world)
         metrics = {
-            "epoch": epoch, "train_loss": _mean(loss_sum), **test,
-            "lr": cfg.lr_at(max(step - 1, 0), epoch), "images_per_s": loss_sum[1].item() / train_time,
-            "epoch_time_s": time.perf_counter() - started,
+            "epoch": epoch, "train_loss": train_loss, **test, "lr": cfg.lr_at(max(step - 1, 0), epoch),
+            "images_per_s": trained.sums[1].item() / train_time, "epoch_time_s": time.perf_counter() - started,
         }
         checkpoint_dir = None
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             checkpoint_dir = _save(model, optimizer, cfg, epoch, step) if rank == 0 else None
         if log:
+            log.batches(epoch, trained.batches())
             log.epoch(metrics)
             # Not print(): Ray Train's patched print tees a worker's stdout to its logger too (two lines each).
             sys.stdout.write(epoch_line(metrics, cfg.epochs) + "\n")
             sys.stdout.flush()
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        started = time.perf_counter()
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if log:
         log.close()
 
 
-def test_metrics(model, test_data, cfg: TrainConfig, classes: list[str], device, use_gpu: bool, loss_fn, rank: int,
-             world: int) -> dict:
-    """Metrics over the whole test split: each worker takes every world-th batch, then all-reduce.
+@dataclass
+class TrainedEpoch:
+    """What one epoch of training leaves: ``sums`` (loss * images, images) on the device, the global ``step``, and
+    each batch's time, loss, gradient norm and learning rate for the train log (losses and norms on the device)."""
+
+    sums: torch.Tensor
+    step: int
+    seconds: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    norms: list[torch.Tensor] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+
+    def batches(self) -> list[tuple[float, float, float, float]]:
+        """(seconds, loss, grad_norm, lr) per batch, read back to the host in one transfer."""
+        if not self.losses:
+            return []
+        losses, norms = torch.stack([torch.stack(self.losses).float(), torch.stack(self.norms).float()]).tolist()
+        return list(zip(self.seconds, losses, norms, self.lrs, strict=True))
+
+
+def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, loss_fn: nn.Module, cfg: TrainConfig, precision: Precision, *,
+                epoch: int, step: int, gen: torch.Generator, record: bool) -> TrainedEpoch:
+    """One pass over ``batches`` without reading anything back to the host (fp16's loss scaler aside, which checks
+    for overflow each step): per-batch values stay on the device until the epoch ends. ``record``: keep them for
+    the train log."""
+    model.train()
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    trained = TrainedEpoch(torch.zeros(2, dtype=torch.float64, device=device), step)
+    for batch in batches:
+        x, y = random_flips(*batch_tensors(batch, cfg), cfg, gen)
+        lr = cfg.lr_at(trained.step, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with precision.autocast():
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        scaler.step(optimizer)
+        scaler.update()
+        trained.sums[0] += loss.detach().double() * len(x)
+        trained.sums[1] += len(x)
+        trained.step += 1
+        if record:
+            trained.seconds.append(time.perf_counter() - started)
+            trained.losses.append(loss.detach())
+            trained.norms.append(grad_norm)
+            trained.lrs.append(lr)
+    return trained
+
+
+def score_test_split(model: nn.Module, test_shard, cfg: TrainConfig, classes: list[str], precision: Precision,
+                     loss_fn: nn.Module, world: int) -> dict:
+    """Metrics over the whole test split: each worker scores its own share (the shares cover every image once),
+    then the sums are all-reduced.
 
     The forward runs on the unwrapped module: workers may see different numbers of batches, and DDP's forward
     would wait for the others.
@@ -138,24 +192,25 @@ def test_metrics(model, test_data, cfg: TrainConfig, classes: list[str], device,
     model = _unwrap(model)
     _broadcast_buffers(model)
     model.eval()
+    device = next(model.parameters()).device
     matrix = ConfusionMatrix(len(classes), class_names=tuple(classes), device=device)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for index, batch in enumerate(test_data.iter_torch_batches(batch_size=max(1, cfg.test_batch_size // world))):
-            if index % world != rank:
-                continue
-            x, y = _tensors(batch, cfg, device, use_gpu)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu):
+        for batch in test_shard.iter_torch_batches(batch_size=max(1, cfg.test_batch_size // world),
+                                                   prefetch_batches=2):
+            x, y = batch_tensors(batch, cfg)
+            with precision.autocast():
                 logits = model(x)
-            loss_sum += _weighted(loss_fn(logits, y), len(x), device)
-            matrix.update(logits, y)
-    _all_reduce(loss_sum)
+            sums[0] += loss_fn(logits, y).double() * len(x)
+            sums[1] += len(x)
+            matrix.update(logits, y, check_values=False)
+    _all_reduce(sums)
     result = matrix.all_reduce().compute()
     predicted = result["pred_pixels"]
     top = max(predicted, key=predicted.get)
     collapsed = predicted[top] >= COLLAPSE_SHARE * max(result["total_pixels"], 1)
     return {
-        "test_loss": _mean(loss_sum),
+        "test_loss": _mean(sums),
         "mean_dice": result["mean_dice"], "mean_iou": result["mean_iou"],
         "pixel_accuracy": result["pixel_accuracy"],
         **{f"dice_{name}": value for name, value in result["dice"].items()},
@@ -176,18 +231,16 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     return line
 
 
-def _tensors(batch: dict, cfg: TrainConfig, device, use_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shard batch as model inputs and int64 class-id targets on ``device``."""
-    x = to_inputs(batch["image"].to(device), cfg.normalize_mean, cfg.normalize_std, use_gpu)
-    return x, batch["mask"].to(device).long()
+def batch_tensors(batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard batch (already on the worker's device) as channels_last model inputs and int64 class-id targets.
 
-
-def _weighted(loss: torch.Tensor, count: int, device) -> torch.Tensor:
-    """(loss * count, count): summed over batches and workers, it gives the per-image mean."""
-    return torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=device)])
+    channels_last on the CPU too: the network's convolutions run 1.5-1.7x faster in it there (docs/benchmarks.md).
+    """
+    return to_inputs(batch["image"], cfg.normalize_mean, cfg.normalize_std, channels_last=True), batch["mask"].long()
 
 
 def _mean(sums: torch.Tensor) -> float:
+    """The per-image mean of (sum of loss * n, sum of n)."""
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
@@ -205,6 +258,8 @@ def _broadcast_buffers(model: nn.Module) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside ``torch.compile``'s and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
