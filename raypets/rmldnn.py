@@ -13,8 +13,6 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -26,7 +24,7 @@ from raypets.errors import UserError
 from raypets.keras_json import REFERENCE_NETWORK
 from raypets.losses import LOSS_ALIASES, LOSSES, loss_name
 from raypets.optim import OPTIMIZERS, check_lr_schedule
-from raypets.sweep_config import invalid, user_error
+from raypets.schema import Model, invalid, user_error
 
 FLIPS = {"random_horizontal_flip": "hflip", "random_vertical_flip": "vflip"}  # transform -> TrainConfig setting
 DATA_TAILS = {"input_path": "training/inputs", "target_path": "training/masks",  # rmldnn's layout
@@ -62,11 +60,7 @@ def _precision(precision: str) -> str:
     return precision
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _Section(_Model):
+class _Section(Model):
     """A JSON object of an rmldnn config: the keys raypets reads, typed; any other key is one error naming it."""
 
     where: ClassVar[str]  # its place in the file
@@ -90,7 +84,7 @@ class Normalize(_Section):
     std: float = 1.0
 
 
-class Transform(_Model):
+class Transform(Model):
     """One of rmldnn's transforms, ``{name: value}``."""
 
     resize: tuple[int, int] | None = None  # (height, width); one number: a square

@@ -27,9 +27,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -40,12 +38,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from raypets import storage
 from raypets.classes import CLASS_NAMES
 from raypets.config import TRAIN_PATHS, TrainConfig
 from raypets.errors import UserError
+from raypets.schema import Model, invalid, user_error
 from raypets.storage import Location
 
 
@@ -71,38 +69,6 @@ SWEEP_DEFAULTS = {"checkpoint_every": 1}  # every reported epoch can be the best
 SETTING_TYPES = {name: kind for name, kind in get_type_hints(TrainConfig).items() if name not in SET_BY_TUNE}
 
 
-# One-line errors from pydantic's (raypets.rmldnn reads its JSON configs with them too).
-def invalid(message: str) -> PydanticCustomError:
-    """A validator's error whose message names its own place (:func:`user_error` prints it as it is)."""
-    return PydanticCustomError("raypets", "{message}", {"message": message})
-
-
-def user_error(path: Path, error: ValidationError, within: str = "") -> UserError:
-    """pydantic's first error as one line, ``FILE: where: message``; ``within``: where the validated object lies."""
-    first = error.errors(include_url=False)[0]
-    if first["type"] == "raypets":
-        return UserError(f"{path}: {first['msg']}")
-    where = ".".join(str(part) for part in (within, *first["loc"]) if part != "")
-    return UserError(f"{path}: {where}: {_problem(first)}" if where else f"{path}: {_problem(first)}")
-
-
-_TAKES = {"int": "a whole number", "float": "a number", "bool": "true or false", "string": "text", "dict": "a mapping",
-          "model": "a mapping", "list": "a list", "tuple": "a list", "path": "a path"}
-_SAYS = {"missing": "missing", "extra_forbidden": "unknown key"}
-
-
-def _problem(error: dict) -> str:
-    """A short message for one of pydantic's errors: ``takes a whole number, got 'x'``, ``missing``, ..."""
-    kind, _, problem = error["type"].partition("_")
-    if kind in _TAKES and problem in ("type", "parsing", "from_float"):
-        return f"takes {_TAKES[kind]}, got {error['input']!r}"
-    if error["type"] == "literal_error":
-        return f"takes {error['ctx']['expected']}, got {error['input']!r}"
-    if error["type"] in _SAYS:
-        return _SAYS[error["type"]]
-    return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {error['input']!r}"
-
-
 def _yaml_float(value: Any) -> Any:
     """YAML 1.1 reads ``1e-3`` as text: the float it means (other text is left for the type check to refuse)."""
     if isinstance(value, str):
@@ -121,32 +87,28 @@ def _strict(kind: Any) -> Any:
     return _STRICT.get(kind, kind)
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # A sweep's train and space sections: one optional field per setting, typed by TrainConfig.
 _SECTIONS = {
-    "train": create_model("Train", __base__=_Model, **{k: (_strict(t), None) for k, t in SETTING_TYPES.items()}),
-    "space": create_model("Space", __base__=_Model, **{
+    "train": create_model("Train", __base__=Model, **{k: (_strict(t), None) for k, t in SETTING_TYPES.items()}),
+    "space": create_model("Space", __base__=Model, **{
         k: (dict[str, Annotated[list[_strict(t)], Field(min_length=1)]], None) for k, t in SETTING_TYPES.items()}),
 }
 
 
-class Asha(_Model):
+class Asha(Model):
     type: Literal["asha"]
     grace_period: StrictInt = Field(1, ge=1)  # epochs
     reduction_factor: StrictFloat = Field(2.0, gt=1)
 
 
-class Fifo(_Model):
+class Fifo(Model):
     type: Literal["fifo"]
 
 
-TUNE_SCHEDULERS: dict[str, type[_Model]] = {"asha": Asha, "fifo": Fifo}
+TUNE_SCHEDULERS: dict[str, type[Model]] = {"asha": Asha, "fifo": Fifo}
 
 
-class SweepFile(_Model):
+class SweepFile(Model):
     """A sweep file as written, typed and checked (no I/O); :func:`load_sweep` adds what the command line gives."""
 
     metric: str = "mean_dice"
@@ -174,7 +136,7 @@ class SweepFile(_Model):
 
     @field_validator("scheduler", mode="before")
     @classmethod
-    def _scheduler(cls, spec: Any) -> _Model:
+    def _scheduler(cls, spec: Any) -> Model:
         spec = {"type": spec} if isinstance(spec, str) else spec
         kind = spec.get("type") if isinstance(spec, dict) else None
         if not isinstance(kind, str) or kind not in TUNE_SCHEDULERS:
