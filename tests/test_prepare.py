@@ -238,9 +238,9 @@ def test_existing_output_is_never_mixed(oxford, tmp_path, ray_local):
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
-        PrepareConfig(oxford, out)
+        prepare(PrepareConfig(oxford, out))
     with pytest.raises(UserError, match="it also holds mine.txt"):
-        PrepareConfig(oxford, out, overwrite=True)
+        prepare(PrepareConfig(oxford, out, overwrite=True))
     (out / "mine.txt").unlink()
     prepare(PrepareConfig(oxford, out, size=SIZE))
     first = json.loads((out / "manifest.json").read_text())

@@ -59,6 +59,15 @@ def test_unsupported_keys_are_named(tmp_path, change, message):
         training_settings(tutorial_copy(tmp_path, **{key: value}))
 
 
+def test_a_wrong_type_is_one_line_naming_its_key(tmp_path, capsys):
+    config = tutorial_copy(tmp_path, num_epochs="ten")
+    assert main(["train", "--config", str(config), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"raypets: error: {config}: neural_network.num_epochs: takes a whole number, "
+                                       "got 'ten'\n")
+    with pytest.raises(UserError, match=r"neural_network\.optimizer: lr_scheduler type 'cosine' is not one of"):
+        training_settings(tutorial_copy(tmp_path, **{"optimizer.lr_scheduler": {"type": "Cosine"}}))
+
+
 def test_another_network_file_is_built_from_json(tmp_path):
     path = tutorial_copy(tmp_path)
     network = json.loads(REFERENCE_NETWORK.read_text())

@@ -162,7 +162,13 @@ space:
     ("space: {lr: {normal: [0, 1]}}\n", "space.lr must be one of"),
     ("train: {epochs: 2, data: elsewhere}\n", "train.data is given by raypets tune \\(--data\\)"),
     ("train: {epochs: 2}\nscheduler: {type: asha, grace_period: 3}\n", "grace_period 3 is more than the 2 epochs"),
-    ("train: {lr: fast}\n", "train.lr: 'fast' is not a number"),
+    ("train: {lr: fast}\n", "train.lr: takes a number, got 'fast'"),
+    ("train: {keep: x}\n", "train.keep: takes a whole number, got 'x'"),
+    ("train: {epochs: true}\n", "train.epochs: takes a whole number, got True"),
+    ("space: {keep: {choice: [2, two]}}\n", "space.keep.choice.1: takes a whole number, got 'two'"),
+    ("train: {lr_scheduler: {type: step, gamma: 0.5}}\n", "train: lr_scheduler step takes gamma, step_size"),
+    ("space: {lr_scheduler: {choice: [null, {type: cosine}]}}\n",
+     "space.lr_scheduler = {'type': 'cosine'}: lr_scheduler type 'cosine' is not one of"),
     ("metric: accuracy\n", "metric 'accuracy' is not one raypets train reports"),
     ("space: [lr]\n", "space must be a mapping"),
     ("space: {lr: {grid: [1e-3]}\n", "not valid YAML"),
@@ -204,6 +210,19 @@ def test_sweep_files_read_numbers_as_yaml_writes_them_and_resume_needs_a_sweep(t
 
     assert main(["tune", "--run-dir", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "no sweep to resume" in capsys.readouterr().err
+
+
+def test_keep_and_lr_scheduler_are_sweep_settings(tmp_path):
+    """Settings whose type is not a plain number (``int | None``, a mapping) are typed like the others."""
+    schedule = {"type": "step", "step_size": 2, "gamma": 0.5}
+    fixed = load_sweep(write(tmp_path / "t.yaml", "train: {keep: 3, lr_scheduler: {type: step, step_size: 2, "
+                             "gamma: 0.5}}\n"), tmp_path)
+    assert (fixed.train["keep"], fixed.train["lr_scheduler"]) == (3, schedule)
+    assert load_sweep(write(tmp_path / "n.yaml", "train: {keep: null}\n"), tmp_path).train["keep"] is None
+    searched = load_sweep(write(tmp_path / "s.yaml", "space:\n  keep: {choice: [null, 2]}\n"
+                                "  lr_scheduler: {grid: [null, {type: step, step_size: 2, gamma: 0.5}]}\n"), tmp_path)
+    assert searched.space == {"keep": {"choice": [None, 2]}, "lr_scheduler": {"grid": [None, schedule]}}
+    assert searched.trial_config(tmp_path, {"keep": 2, "lr_scheduler": schedule}).keep == 2
 
 
 def test_optuna_search_needs_optuna(tmp_path):
