@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder or URI (s3://, gs://...) for the trials, trials.csv and best.json")
     sweep.add_argument("--samples", type=int, help="trials to sample (default: the file's samples)")
     sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
-    sweep.add_argument("--gpus-per-worker", type=float, choices=[0, 1], help="0: CPU workers; 1: one GPU each "
-                       "(default: GPUs when the cluster has them)")
+    sweep.add_argument("--gpus-per-worker", type=float, help="0: CPU workers; 1: one GPU each; a fraction such as "
+                       "0.25: one-worker trials share a GPU, four on each (default: GPUs when the cluster has them)")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep in --run-dir; retry failed trials")
     _add_ray_args(sweep)

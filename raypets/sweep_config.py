@@ -63,7 +63,7 @@ SEARCHES = ("random", "optuna")
 METRICS = ("mean_dice", "mean_iou", "pixel_accuracy", "test_loss", "train_loss",
            *(f"{kind}_{name}" for kind in ("dice", "iou") for name in CLASS_NAMES))
 SET_BY_TUNE = {"data": "--data", "run_dir": "--run-dir", "resume": "--resume"}
-FIXED_PER_SWEEP = ("epochs", "workers", "device")  # ASHA's horizon and each trial's resources
+FIXED_PER_SWEEP = ("epochs", "workers", "device", "gpus_per_worker")  # ASHA's horizon and each trial's resources
 SWEEP_DEFAULTS = {"checkpoint_every": 1}  # every reported epoch can be the best checkpoint
 # The settings a sweep's train and space name, with TrainConfig's types.
 SETTING_TYPES = {name: kind for name, kind in get_type_hints(TrainConfig).items() if name not in SET_BY_TUNE}
@@ -247,11 +247,12 @@ def load_sweep(path: Path, data: Location, *, samples: int | None = None, worker
         storage.require_file(Path(train[key]) if train.get(key) else None)
     if workers is not None:
         train["workers"] = workers
-    if gpus_per_worker is not None:
-        if gpus_per_worker not in (0, 1):
-            raise UserError(f"--gpus-per-worker must be 0 (CPU workers) or 1 (raypets train gives each GPU worker "
-                            f"a whole GPU), got {gpus_per_worker:g}")
+    if gpus_per_worker is not None:  # 0: CPU workers; a fraction: one-worker trials share a GPU
+        if gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker must be 0 (CPU workers) or more, got {gpus_per_worker:g}")
         train["device"] = "gpu" if gpus_per_worker else "cpu"
+        if gpus_per_worker:
+            train["gpus_per_worker"] = gpus_per_worker
     mode = sweep.mode or ("min" if sweep.metric.endswith("loss") else "max")
     checked = Sweep(sweep.metric, mode, sweep.samples, sweep.search, sweep.scheduler.model_dump(), train, sweep.space)
     _check_values(path, checked)
