@@ -225,6 +225,16 @@ def test_keep_and_lr_scheduler_are_sweep_settings(tmp_path):
     assert searched.trial_config(tmp_path, {"keep": 2, "lr_scheduler": schedule}).keep == 2
 
 
+def test_trials_share_a_gpu_with_a_fraction_of_one_worker_each(tmp_path):
+    space = write(tmp_path / "s.yaml", "space: {lr: {grid: [1.0e-3, 3.0e-3]}}\n")
+    shared = load_sweep(space, tmp_path, workers=1, gpus_per_worker=0.25)
+    assert (shared.train["device"], shared.train["gpus_per_worker"]) == ("gpu", 0.25)
+    assert shared.trial_config(tmp_path, {"lr": 1e-3}).gpus_per_worker == 0.25
+    with pytest.raises(UserError, match="0.25 of a GPU per worker needs one worker per run \\(2 asked\\): two NCCL"):
+        load_sweep(space, tmp_path, workers=2, gpus_per_worker=0.25)
+    assert load_sweep(space, tmp_path, gpus_per_worker=0).train["device"] == "cpu"
+
+
 def test_optuna_search_needs_optuna(tmp_path):
     if importlib.util.find_spec("optuna"):
         pytest.skip("Optuna is installed here")
