@@ -151,15 +151,16 @@ class ExactTestSplit(ray.train.DataConfig):
     exactly once (Ray's equal split may drop a few), so each worker reads only its own test share."""
 
     def __init__(self) -> None:
-        super().__init__(datasets_to_split=["train"])
+        super().__init__(datasets_to_split=["train", "test"])  # both made once, by rank 0, for every worker
 
     def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
         rest = {name: dataset for name, dataset in datasets.items() if name != "test"}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        test = datasets["test"].copy(datasets["test"])
-        test.context.execution_options = self._resolve_execution_options("test")
-        for shard, split in zip(output, test.streaming_split(world_size, equal=False), strict=True):
-            shard["test"] = split
+        if "test" in datasets:  # Ray Train V2 configures one dataset at a time
+            test = datasets["test"].copy(datasets["test"])
+            test.context.execution_options = self._resolve_execution_options("test")
+            for shard, split in zip(output, test.streaming_split(world_size, equal=False), strict=True):
+                shard["test"] = split
         return output
 
 
