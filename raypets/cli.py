@@ -148,8 +148,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from raypets.outputs import check_output_file
     from raypets.show import show_predictions
 
+    check_output_file(args.out, args.overwrite)
     print(f"wrote {show_predictions(args.output, args.out, images=args.images, truth=args.truth, rows=args.rows)}")
     return 0
 
@@ -197,7 +199,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "precision", "sync_bn", "compile", "data_cache", "epochs",
                 "batch_size", "test_batch_size", "lr", "optimizer", "loss", "warmup_steps", "bn_momentum", "hflip",
-                "vflip", "network", "checkpoint_every", "keep", "max_failures", "resume", "seed", "name"}
+                "vflip", "network", "checkpoint_every", "keep", "max_failures", "resume", "overwrite", "seed", "name"}
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +240,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, help="Ray checkpoints to keep (default all)")
     parser.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue the run in --run-dir")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace the logs and checkpoints another run left in --run-dir (e.g. rmldnn's)")
     parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--name", help="prefix of the text logs (default raypets)")
     _add_ray_args(parser)
@@ -339,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--truth", type=_local, help="class-id masks named like the images (e.g. testing/masks)")
     grid.add_argument("--rows", type=int, default=6, help="samples to show (default 6)")
     grid.add_argument("--out", type=_local, required=True, help="PNG to write")
+    grid.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     grid.set_defaults(func=_show)
 
     demo = commands.add_parser("demo", help="the whole pipeline on Ray in one command, with a Markdown/HTML report")

@@ -65,6 +65,7 @@ class TrainConfig:
     keep: int | None = None
     max_failures: int = 2
     resume: bool = False
+    overwrite: bool = False  # replace logs and checkpoints of another run in run_dir (not a Ray run: --resume)
     seed: int = 0
     name: str = "raypets"
     checkpoint_dir: str = "checkpoints"

@@ -15,8 +15,12 @@ import tempfile
 from pathlib import Path
 
 from raypets import storage
+from raypets.errors import UserError
 from raypets.storage import Location
 
+RUN_FILE = "run.json"  # the run's settings, classes and image size: what --resume must not change
+# What a resumed run must share with the run it continues: its weights would not fit, or mean other things.
+FIXED_ON_RESUME = ("network", "classes", "image_size")
 TRAIN_HEADER = "# epoch batch time_s loss grad_norm lr"
 TEST_HEADER = "# epoch test_loss pixel_accuracy mean_iou mean_dice"
 
@@ -35,9 +39,9 @@ class RunLog:
         """Keep the lines of epochs up to ``last_epoch`` (0: none) and write the headers when new."""
         self._sync(download=True)
         for path, header in ((self.train, TRAIN_HEADER), (self.test, TEST_HEADER)):
-            kept = [line for line in _lines(path) if not line.startswith("#") and int(line.split()[0]) <= last_epoch]
+            kept = [line for line in _lines(path) if (_epoch_of(line) or last_epoch + 1) <= last_epoch]
             path.write_text("".join(f"{line}\n" for line in [header, *kept]))
-        kept = [line for line in _lines(self.metrics) if json.loads(line)["epoch"] <= last_epoch]
+        kept = [json.dumps(record) for record in _records(self.metrics) if record["epoch"] <= last_epoch]
         self.metrics.write_text("".join(f"{line}\n" for line in kept))
         self._sync()
 
@@ -73,9 +77,58 @@ class RunLog:
                 storage.download(remote, path.parent)
 
 
+def run_outputs(name: str, checkpoint_dir: str) -> list[str]:
+    """What a training run writes into its folder besides Ray's checkpoints (``name``: its logs' prefix)."""
+    return [f"{name}_train.txt", f"{name}_test.txt", "metrics.jsonl", RUN_FILE, "loss.png", "dice.png", checkpoint_dir]
+
+
+def run_settings(train: dict, manifest: dict) -> dict:
+    """What ``RUN/run.json`` holds: the TrainConfig (as a dict) and the classes and image size of its data."""
+    return {"network": train.get("network"), "classes": manifest["classes"], "image_size": manifest["image_size"],
+            "train": train}
+
+
+def save_run_settings(run_dir: Location, settings: dict) -> None:
+    storage.write_text(storage.join(run_dir, RUN_FILE), json.dumps(settings, indent=2) + "\n")
+
+
+def check_resume(run_dir: Location, settings: dict) -> None:
+    """One clear error when resuming ``run_dir`` with settings that would corrupt it (another network, other
+    classes, another image size); runs from before ``run.json`` existed are not checked."""
+    path = storage.join(run_dir, RUN_FILE)
+    if not storage.is_file(path):
+        return
+    saved = storage.read_json(path)
+    changed = [key for key in FIXED_ON_RESUME if saved.get(key) != settings[key]]
+    if changed:
+        differences = "; ".join(f"{key} {saved.get(key)} there, {settings[key]} now" for key in changed)
+        raise UserError(f"{run_dir}: --resume would continue a run with another {', '.join(changed)} "
+                        f"({differences}); start it in another --run-dir")
+
+
 def read_metrics(run_dir: Location) -> list[dict]:
     """Every epoch's metrics of a run (a folder or a URI), in order."""
-    return [json.loads(line) for line in _lines(storage.join(run_dir, "metrics.jsonl"))]
+    return _records(storage.join(run_dir, "metrics.jsonl"))
+
+
+def _records(path: Location) -> list[dict]:
+    """The JSON lines of ``path``. A last line cut short (a full disk, a killed process: its epoch was not
+    checkpointed, so a resumed run trains it again) is left out; a bad line before it is one error naming it."""
+    lines = _lines(path)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not a JSON record; the run's metrics are damaged") from None
+    return records
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch a text-log line starts with; None for a header or a line cut short."""
+    first = line.split(maxsplit=1)[0]
+    return int(first) if first.isdigit() else None
 
 
 def _lines(path: Location) -> list[str]:

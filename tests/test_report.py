@@ -36,6 +36,10 @@ def test_show_draws_a_row_per_sample_with_input_prediction_and_truth(tmp_path):
     only_predictions = tmp_path / "pred.png"
     assert main(["show", str(tmp_path / "out"), "--out", str(only_predictions)]) == 0
     assert Image.open(only_predictions).size == (260, 3 * 260)
+    assert main(["show", str(tmp_path / "out"), "--out", str(grid)]) == 2  # never replaced unasked
+    assert Image.open(grid).size == (3 * 260, 2 * 260)
+    assert main(["show", str(tmp_path / "out"), "--out", str(grid), "--overwrite"]) == 0
+    assert Image.open(grid).size == (260, 3 * 260)
 
 
 def test_show_names_what_is_missing(tmp_path, capsys):

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from raypets.data.render import render_sample
+from raypets.errors import UserError
 from raypets.outputs import check_output_folder
 
 CATS = ("Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau", "Maine_Coon",
@@ -80,9 +81,10 @@ def synthesize(out: Path, n: int = 200, size: tuple[int, int] = (320, 240), seed
     check_output_folder(out, "synthetic dataset", flag=None)
     width, height = size
     if n < 1 or width < 16 or height < 16 or seed < 0:
-        raise ValueError(f"need n >= 1, width and height >= 16, seed >= 0; got {n=}, {size=}, {seed=}")
+        raise UserError(f"synth needs --n >= 1, a --size of at least 16x16 and --seed >= 0; got n={n}, "
+                        f"size={width}x{height}, seed={seed}")
     if defects and n > (DEFECT_K0 - 1) * len(BREEDS):
-        raise ValueError(f"defect names start at <Breed>_{DEFECT_K0}; n={n} would collide with them")
+        raise UserError(f"--defects names its files <Breed>_{DEFECT_K0} and up; --n {n} would collide with them")
     (out / "images").mkdir(parents=True)
     (out / "annotations" / "trimaps").mkdir(parents=True)
     chunks = [range(a, min(a + _CHUNK, n)) for a in range(0, n, _CHUNK)]

@@ -20,7 +20,7 @@ from raypets.errors import UserError
 from raypets.model import build_network, count_parameters, require_image_size
 from raypets.plots import plot_curves
 from raypets.precision import require_cuda
-from raypets.runlog import read_metrics
+from raypets.runlog import check_resume, read_metrics, run_outputs, run_settings, save_run_settings
 from raypets.stages.runtime import (
     cpu_share,
     data_context,
@@ -58,6 +58,15 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     if cfg.resume and not previous:
         raise UserError(f"{cfg.run_dir}: no training run to resume")
     storage.check_bucket(cfg.run_dir)
+    if not cfg.resume and not cfg.overwrite:  # e.g. rmldnn's own logs and checkpoints beside its config file
+        for name in run_outputs(cfg.name, cfg.checkpoint_dir):
+            if storage.exists(storage.join(cfg.run_dir, name)):
+                raise UserError(f"{storage.join(cfg.run_dir, name)}: exists, and this run would replace it; pass "
+                                "--overwrite to let it, or choose another --run-dir")
+    settings = run_settings(cfg.to_dict(), manifest)
+    if cfg.resume:
+        check_resume(cfg.run_dir, settings)
+        read_metrics(cfg.run_dir)  # a damaged log is one error here, not a worker's traceback
 
     init_ray(address)
     use_gpu = use_gpus(cfg.device, cfg.workers, per_worker=cfg.gpus_per_worker)
@@ -82,6 +91,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         ),
     )
     print(header(cfg, manifest, use_gpu), flush=True)
+    save_run_settings(cfg.run_dir, settings)
     result = trainer.fit()
     with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in the run folder (or at its URI)
         for plot in plot_curves(read_metrics(cfg.run_dir), Path(folder)):
