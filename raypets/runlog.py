@@ -61,9 +61,15 @@ class RunLog:
         self._sync()
 
     def close(self) -> None:
-        """Remove the local folder of a run at a URI (everything in it was uploaded after the last epoch)."""
+        """Remove the local folder of a run at a URI (everything in it was uploaded after each epoch)."""
         if self._temp:
             shutil.rmtree(self._temp, ignore_errors=True)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _sync(self, download: bool = False) -> None:
         """For a run at a URI: fetch the run's logs into the local folder, or upload them there."""

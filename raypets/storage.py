@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -149,10 +149,54 @@ def download(location: Location, local: Path) -> Path:
 
 
 def cached(location: Location) -> Path:
-    """A fresh local copy of the file or folder at ``location`` (in the temp folder, one place per location)."""
-    cache = Path(tempfile.gettempdir(), "raypets-cache", hashlib.sha256(str(location).encode()).hexdigest()[:16])
-    shutil.rmtree(cache, ignore_errors=True)
-    return download(location, cache)
+    """A local copy of the file or folder at ``location``, shared by every process that reads the same content.
+
+    The cache entry is named by the location and what is there (names, sizes, modification times): a changed
+    checkpoint gets a new entry, an unchanged one is not downloaded again. An entry is filled in a folder of its own
+    and moved into place in one step, so two runs reading the same location never see each other's half-written
+    copy; beyond ``CACHE_BYTES`` the least recently used entries are removed.
+    """
+    root = Path(tempfile.gettempdir(), "raypets-cache")
+    root.mkdir(parents=True, exist_ok=True)
+    files = _listing(location)
+    key = hashlib.sha256(json.dumps([str(location), files]).encode()).hexdigest()[:24]
+    entry = root / key
+    if not entry.exists():
+        fill = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        try:
+            download(location, fill / "copy")
+            with suppress(OSError):  # another process filled the same entry first: use theirs
+                (fill / "copy").rename(entry)
+        finally:
+            shutil.rmtree(fill, ignore_errors=True)
+    entry.touch()  # the least recently used entries go first
+    _trim_cache(root, keep=entry)
+    single = len(files) == 1 and files[0][0] == _open(location)[1]
+    return entry / PurePosixPath(files[0][0]).name if single else entry
+
+
+CACHE_BYTES = 4 * 2**30  # the downloaded-checkpoint cache keeps at most this much beside the entry in use
+
+
+def _listing(location: Location) -> list:
+    """(path, size, modification time) of the file, or of every file under the folder, at ``location``."""
+    fs, path = _open(location)
+    with _errors(location):
+        info = fs.get_file_info(path)
+        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+
+
+def _trim_cache(root: Path, keep: Path) -> None:
+    entries = sorted((e for e in root.iterdir() if not e.name.startswith(".")), key=lambda e: e.stat().st_mtime)
+    sizes = {e: sum(f.stat().st_size for f in e.rglob("*") if f.is_file()) for e in entries}
+    total = sum(sizes.values())
+    for entry in entries:
+        if total <= CACHE_BYTES:
+            break
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= sizes[entry]
 
 
 def remove_contents(location: Location) -> None:

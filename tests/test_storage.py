@@ -71,10 +71,13 @@ def test_text_files_folders_and_their_copies_round_trip(bucket, tmp_path):
     assert storage.entries(folder) == {"a.txt", "sub"}
     copy = storage.cached(folder)
     assert (copy / "a.txt").read_text() == "hello\n" and (copy / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    mtime = (copy / "a.txt").stat().st_mtime_ns
     assert storage.cached(storage.join(folder, "a.txt")).read_text() == "hello\n"
+    assert storage.cached(folder) == copy and (copy / "a.txt").stat().st_mtime_ns == mtime  # unchanged: kept
     storage.remove_contents(folder)
     storage.write_text(storage.join(folder, "c.txt"), "c")
     assert [p.name for p in storage.cached(folder).iterdir()] == ["c.txt"]  # a fresh copy: nothing stale
+    assert not [p for p in copy.parent.iterdir() if p.name.startswith(".")]  # no half-filled entry left
 
 
 def test_the_environment_configures_plain_uris(bucket, monkeypatch):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,48 +86,42 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = make_loss(cfg.loss, source=cfg.loss_source, check_values=False)
     start_epoch = state["epoch"] + 1 if state else 1
     step = state["step"] if state else 0
-    log = RunLog(cfg.run_dir, cfg.name) if rank == 0 else None
-    if log:
-        log.start(last_epoch=start_epoch - 1)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    test_shard = ray.train.get_dataset_shard("test")
-    # An epoch's time runs from the previous epoch's report to this one's, the wait for that report included: it is
-    # everything the epoch costs. Its images/s count the training alone.
-    epoch_started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        train_started = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # same on resume
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size // world, local_shuffle_buffer_size=max(cfg.batch_size, 256),
-            local_shuffle_seed=cfg.seed * 1_000 + epoch, prefetch_batches=2, pin_memory=use_gpu)
-        trained = train_epoch(model, batches, optimizer, scaler, loss_fn, cfg, precision, epoch=epoch, step=step,
-                              gen=gen, record=log is not None)
-        step = trained.step
-        _all_reduce(trained.sums)
-        train_loss = _mean(trained.sums)  # reads back to the host: the epoch's device work is done after it
-        train_time = time.perf_counter() - train_started
-        test = score_test_split(model, test_shard, cfg, classes, precision, loss_fn, world)
-        metrics = {
-            "epoch": epoch, "train_loss": train_loss, **test, "lr": cfg.lr_at(max(step - 1, 0), epoch),
-            "images_per_s": trained.sums[1].item() / train_time, "epoch_time_s": time.perf_counter() - epoch_started,
-        }
-        checkpoint_dir = None
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-            checkpoint_dir = _save(model, optimizer, cfg, epoch, step) if rank == 0 else None
+    with RunLog(cfg.run_dir, cfg.name) if rank == 0 else nullcontext() as log:
         if log:
-            log.batches(epoch, trained.batches())
-            log.epoch(metrics)
-            # Not print(): Ray Train's patched print tees a worker's stdout to its logger too (two lines each).
-            sys.stdout.write(epoch_line(metrics, cfg.epochs) + "\n")
-            sys.stdout.flush()
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            log.start(last_epoch=start_epoch - 1)
+        train_shard = ray.train.get_dataset_shard("train")
+        test_shard = ray.train.get_dataset_shard("test")
+        # An epoch's time runs from the previous epoch's report to this one's, the wait for that report included:
+        # it is everything the epoch costs. Its images/s count the training alone.
         epoch_started = time.perf_counter()
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if log:
-        log.close()
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            train_started = time.perf_counter()
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)  # same on resume
+            batches = train_shard.iter_torch_batches(
+                batch_size=cfg.batch_size // world, local_shuffle_buffer_size=max(cfg.batch_size, 256),
+                local_shuffle_seed=cfg.seed * 1_000 + epoch, prefetch_batches=2, pin_memory=use_gpu)
+            trained = train_epoch(model, batches, optimizer, scaler, loss_fn, cfg, precision, epoch=epoch,
+                                  step=step, gen=gen, record=log is not None)
+            step = trained.step
+            _all_reduce(trained.sums)
+            train_loss = _mean(trained.sums)  # reads back to the host: the epoch's device work is done after it
+            train_time = time.perf_counter() - train_started
+            test = score_test_split(model, test_shard, cfg, classes, precision, loss_fn, world)
+            metrics = {
+                "epoch": epoch, "train_loss": train_loss, **test, "lr": cfg.lr_at(max(step - 1, 0), epoch),
+                "images_per_s": trained.sums[1].item() / train_time,
+                "epoch_time_s": time.perf_counter() - epoch_started,
+            }
+            if log:
+                log.batches(epoch, trained.batches())
+                log.epoch(metrics)
+                # Not print(): Ray Train's patched print tees a worker's stdout to its logger too (two lines each).
+                sys.stdout.write(epoch_line(metrics, cfg.epochs) + "\n")
+                sys.stdout.flush()
+            epoch_started = time.perf_counter()
+            saved = rank == 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs)
+            with _checkpoint(model, optimizer, cfg, epoch, step) if saved else nullcontext() as checkpoint:
+                ray.train.report(metrics, checkpoint=checkpoint)
 
 
 @dataclass
@@ -266,13 +260,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _save(model, optimizer, cfg: TrainConfig, epoch: int, step: int) -> str:
-    """A new checkpoint folder for Ray; the plain state_dict also goes to ``RUN/<checkpoint_dir>/`` (rmldnn's place)."""
-    folder = tempfile.mkdtemp(prefix="raypets-ckpt-")
-    weights = save_state(Path(folder), weights={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-                         optimizer=optimizer.state_dict(), epoch=epoch, step=step, config=cfg.to_dict())
-    storage.upload(weights, storage.join(cfg.run_dir, cfg.checkpoint_dir, weights.name))
-    return folder
+@contextmanager
+def _checkpoint(model, optimizer, cfg: TrainConfig, epoch: int, step: int) -> Iterator[ray.train.Checkpoint]:
+    """A Ray checkpoint of this epoch, in a temp folder removed once Ray has persisted it (or failed to); the plain
+    state_dict also goes to ``RUN/<checkpoint_dir>/`` (rmldnn's place)."""
+    with tempfile.TemporaryDirectory(prefix="raypets-ckpt-") as folder:
+        state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+        weights = save_state(Path(folder), weights=state, optimizer=optimizer.state_dict(), epoch=epoch, step=step,
+                             config=cfg.to_dict())
+        storage.upload(weights, storage.join(cfg.run_dir, cfg.checkpoint_dir, weights.name))
+        yield ray.train.Checkpoint.from_directory(folder)
 
 
 def _restore(checkpoint: ray.train.Checkpoint | None) -> dict | None:
