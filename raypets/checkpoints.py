@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from raypets import storage
+from raypets.classes import class_names
 from raypets.errors import UserError
 from raypets.model import build_network
 from raypets.runlog import read_metrics
@@ -124,6 +125,17 @@ def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Mod
         what = f"the network of {network}" if network else "the built-in XceptionUNet"
         raise UserError(f"{checkpoint.weights}: the weights do not fit {what}: {_mismatch(err)}") from None
     return model.eval()
+
+
+def checkpoint_classes(checkpoint: Checkpoint, num_classes: int) -> list[str]:
+    """The classes of the training data's manifest when reachable, else raypets' own (or class_<i>)."""
+    data = (checkpoint.train_config or {}).get("data")
+    manifest = storage.join(storage.parse(data), "manifest.json") if data else None
+    try:
+        classes = storage.read_json(manifest).get("classes", []) if manifest else []
+    except UserError:  # no manifest there (any more), or not reachable from here
+        classes = []
+    return list(classes) if len(classes) == num_classes else list(class_names(num_classes))
 
 
 def _from_sweep(path: Path) -> Checkpoint:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raypets import storage
+from raypets import __version__, storage
 from raypets.data.decode import parse_size
 from raypets.errors import UserError
 
@@ -197,6 +197,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from raypets.exporter import INFO_FILE, ExportConfig, export
+
+    info = export(ExportConfig(checkpoint=args.checkpoint, out=args.out, format=args.format, size=args.size,
+                               overwrite=args.overwrite))
+    files = ", ".join(str(args.out / name) for name in [*info["files"].values(), INFO_FILE])
+    print(f"exported {info['checkpoint']} at {info['size'][0]}x{info['size'][1]} ({', '.join(info['classes'])}): "
+          f"{files}")
+    return 0
+
+
 _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "precision", "sync_bn", "compile", "data_cache", "epochs",
                 "batch_size", "test_batch_size", "lr", "optimizer", "loss", "warmup_steps", "bn_momentum", "hflip",
                 "vflip", "network", "checkpoint_every", "keep", "max_failures", "resume", "overwrite", "seed", "name"}
@@ -249,6 +260,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypets", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"raypets {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write a procedural pets-like dataset in the Oxford layout")
@@ -345,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--out", type=_local, required=True, help="PNG to write")
     grid.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     grid.set_defaults(func=_show)
+
+    ship = commands.add_parser("export", help="a checkpoint as ONNX and TorchScript files (uint8 images in, softmax "
+                               "out), with model.json")
+    ship.add_argument("out", type=_local, help="folder to create: model.onnx, model.ts, model.json")
+    ship.add_argument("--checkpoint", required=True, type=storage.parse, help="model_checkpoint_<epoch>.pt, a Ray "
+                      "checkpoint folder, a run folder or a sweep's best.json, local or at a URI")
+    ship.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all", help="default all")
+    ship.add_argument("--size", type=_size, default=(160, 160),
+                      help="network input, N or WIDTHxHEIGHT, multiples of 16 (default 160); fixed in the files")
+    ship.add_argument("--overwrite", action="store_true", help="replace the output of an earlier raypets export")
+    ship.set_defaults(func=_export)
 
     demo = commands.add_parser("demo", help="the whole pipeline on Ray in one command, with a Markdown/HTML report")
     demo.add_argument("--out", type=_local, default=Path("demo"), help="fresh folder for everything (default demo)")

@@ -4,10 +4,14 @@ package imports the CLI. Imports inside functions count too."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "raypets"
-FACES = {"cli.py", "demo.py"}  # the command line and the demo: they call the stages
+# The command line and the demo call the stages; the package's __init__.py names each stage's function for notebooks,
+# imported on first use only (PEP 562), so that `import raypets` imports neither Ray nor a stage (tested below).
+FACES = {"cli.py", "demo.py", "__init__.py"}
 
 
 def imported_modules(source: str, module: str) -> set[str]:
@@ -65,3 +69,9 @@ def test_the_check_catches_a_wrong_way_import(tmp_path):
         "metrics.py: imports ray.data (only raypets/stages/ and the faces import Ray)",
         "stages/train.py: imports raypets.cli (nothing imports the command line)",
     ]
+
+
+def test_importing_the_package_imports_neither_ray_nor_torch():
+    """Ray Data workers and the Ray-free modules import ``raypets``: it stays light, its stage functions lazy."""
+    check = "import raypets, sys; assert not {'ray', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=PACKAGE.parent)

@@ -27,8 +27,7 @@ from ray.data import ActorPoolStrategy
 from torch import nn
 
 from raypets import storage
-from raypets.checkpoints import Checkpoint, load_model, resolve_checkpoint
-from raypets.classes import class_names
+from raypets.checkpoints import checkpoint_classes, load_model, resolve_checkpoint
 from raypets.config import DEVICES
 from raypets.data.decode import IMAGE_SUFFIXES, DecodeError, decode_image, resize_image, resize_mask
 from raypets.errors import UserError
@@ -181,17 +180,6 @@ def describe_predictions(summary: dict) -> str:
     if summary["ignored"]:
         lines.append(f"  ignored {summary['ignored']} hidden or non-image file(s)")
     return "\n".join(lines)
-
-
-def checkpoint_classes(checkpoint: Checkpoint, num_classes: int) -> list[str]:
-    """The classes of the training data's manifest when reachable, else raypets' own (or class_<i>)."""
-    data = (checkpoint.train_config or {}).get("data")
-    manifest = storage.join(storage.parse(data), "manifest.json") if data else None
-    try:
-        classes = storage.read_json(manifest).get("classes", []) if manifest else []
-    except UserError:  # no manifest there (any more), or not reachable from here
-        classes = []
-    return list(classes) if len(classes) == num_classes else list(class_names(num_classes))
 
 
 def default_workers(device: str) -> int:
