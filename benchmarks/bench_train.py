@@ -22,8 +22,10 @@ from docs_section import machine, write_section
 SECTION = "## Train: Ray Train against a plain PyTorch loop (`benchmarks/bench_train.py`)"
 
 
-def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
-    """Median images/s over epochs 2.. of a single-process loop doing what one Ray Train worker does."""
+def plain_loop(shards: Path, batch: int, epochs: int, threads: int, device: str = "cpu") -> float:
+    """Median images/s over epochs 2.. of a single-process loop doing what one Ray Train worker does; on a GPU
+    (``device="cuda"``) the split is preloaded there and the model runs channels_last under bf16 autocast, as a GPU
+    worker's does."""
     from raypets.config import TrainConfig
     from raypets.losses import make_loss
     from raypets.model import build_network, to_inputs
@@ -34,26 +36,32 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int) -> float:
     torch.manual_seed(0)
     cfg = TrainConfig(data=shards, run_dir=shards, batch_size=batch)
     data = load_split(shards, "train")
-    images, masks = torch.from_numpy(data["image"]), torch.from_numpy(data["mask"])
-    model = build_network(3, cfg.network, cfg.bn_momentum)
+    gpu = torch.device(device).type == "cuda"
+    images, masks = torch.from_numpy(data["image"]).to(device), torch.from_numpy(data["mask"]).to(device)
+    model = build_network(3, cfg.network, cfg.bn_momentum).to(device)
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     loss_fn = make_loss(cfg.loss)
     step, rates = 0, []
     for epoch in range(1, epochs + 1):
         model.train()
         start = time.perf_counter()
-        order = torch.randperm(len(images))
+        order = torch.randperm(len(images), device=device)
         for first in range(0, len(order), batch):
             index = order[first: first + batch]
-            x, y = to_inputs(images[index], cfg.normalize_mean, cfg.normalize_std), masks[index].long()
+            x, y = to_inputs(images[index], cfg.normalize_mean, cfg.normalize_std, gpu), masks[index].long()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step, epoch)
-            loss = loss_fn(model(x), y)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=gpu):
+                loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             optimizer.step()
             step += 1
+        if gpu:
+            torch.cuda.synchronize()
         rates.append(len(images) / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 
