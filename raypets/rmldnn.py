@@ -153,7 +153,7 @@ def _only(section: dict, known: set[str], path: Path, where: str) -> None:
 
 def inference_settings(path: Path) -> dict:
     """``raypets predict`` settings from an rmldnn inference config: ``checkpoint``, ``input``, ``output``,
-    ``batch_size``, ``size`` (height, width), ``normalize`` (mean, std), ``network`` and ``precision``, each only
+    ``batch_size``, ``size`` (height, width), ``normalize`` (mean, std), ``network`` and ``hdf5_precision``, each only
     when the file gives it."""
     net = load(path)
     base = path.resolve().parent
@@ -179,7 +179,7 @@ def inference_settings(path: Path) -> dict:
         if data["hdf5_precision"] not in ("single", "half"):
             raise UserError(f"{path}: neural_network.data.hdf5_precision must be \"single\" or \"half\", "
                             f"got {data['hdf5_precision']!r}")
-        settings["precision"] = data["hdf5_precision"]
+        settings["hdf5_precision"] = data["hdf5_precision"]
     transforms, size = transform_settings(data.get("transforms", []), path)
     flips = sorted(name for key, name in (("hflip", "random_horizontal_flip"), ("vflip", "random_vertical_flip"))
                    if key in transforms)
