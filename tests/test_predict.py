@@ -230,6 +230,17 @@ def test_rerun_gives_identical_arrays_and_half_precision_halves_the_file(predict
     assert 0.45 < ratio < 0.56, ratio
 
 
+def test_png_format_writes_class_id_masks_only(tree, tmp_path, ray_local):
+    out = tmp_path / "png"
+    code, printed, _ = _cli("--checkpoint", str(tree / "model_checkpoint_1.pt"), str(tree / "in" / "dogs"), str(out),
+                            "--size", str(SIZE), "--format", "png", "--workers", "1")
+    assert code == 1 and "predicted 2 image(s)" in printed
+    assert sorted(os.listdir(out)) == ["errors.csv", "masks"]
+    for name in ("beagle_1", "small"):
+        height, width = IMAGES[f"dogs/{name}.{'png' if name == 'beagle_1' else 'bmp'}"][:2]
+        assert np.asarray(Image.open(out / "masks" / f"{name}.png")).shape == (height, width)
+
+
 def test_run_folder_brings_its_normalisation_and_class_names(tree, tmp_path, ray_local):
     """A training run folder: its Ray checkpoint's settings (normalize, the data manifest's classes) apply."""
     folder = tmp_path / "run" / RAY_RUN_NAME / "checkpoint_000000"

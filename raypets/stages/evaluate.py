@@ -53,6 +53,8 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
         raise UserError("--batch-size and --workers must be at least 1")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if device == "cpu":
+        resolve_precision(precision, torch.device("cpu"))  # one clear error for fp16 on a CPU, before any work
     resolved = resolve_checkpoint(checkpoint)
     manifest = read_manifest(data)
     size = manifest["image_size"]
