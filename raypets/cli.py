@@ -25,7 +25,7 @@ def _local(text: str) -> Path:
     """A path that must be local: a URI here is one clear error naming the argument."""
     if storage.is_uri(text):
         raise argparse.ArgumentTypeError(f"{text}: takes a local path, not a URI (URIs are for prepare's OUT, "
-                                         "--data, --run-dir, --checkpoint and predict's OUTPUT)")
+                                         "--data, --run-dir, --checkpoint and predict's INPUT and OUTPUT)")
     return Path(text)
 
 
@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float32 (default) or float16 probabilities in the HDF5 (rmldnn's hdf5_precision)")
     infer.add_argument("--format", choices=["hdf5", "parquet", "png"],
                        help="hdf5 (default: rmldnn's softmax files), parquet (name, size, mask PNG), png (masks only)")
-    infer.add_argument("--writers", type=int, help="parallel write tasks, and the fewest output files (default 1)")
+    infer.add_argument("--writers", type=int,
+                       help="write tasks at once (default 1), each writing its own output_<k>.h5 or part-<k>.parquet")
     infer.add_argument("--probabilities", action="store_true", default=None,
                        help="--format parquet: also the softmax at network resolution (column probs)")
     infer.add_argument("--max-pixels", type=int, help="refuse images of more pixels, from their header "

@@ -54,7 +54,7 @@ ERRORS_FILE, REPAIRS_FILE = "errors.csv", "repairs.csv"
 # What an earlier predict output holds; `--overwrite` replaces only a folder made of these.
 _OURS = re.compile(r"(output_\d+\.h5|predictions\.h5|errors\.csv|repairs\.csv|masks|overlays|predictions)")
 CPU_BATCH, GPU_BATCH = 16, 128  # images per model call by default
-ROWS_PER_FILE = 256  # at most, per output_<k>.h5 or part-<k>.parquet: a write task starts once it has them
+ROWS_PER_FILE = 128  # at most, per output_<k>.h5 or part-<k>.parquet: a write task starts once it has them
 
 
 @dataclass(frozen=True)
@@ -141,32 +141,16 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
     workers = cfg.workers or default_workers(cfg.device)
     use_gpu = use_gpus(cfg.device, workers, "model actor")
     if not use_gpu:
-        resolve_precision(cfg.precision, torch.device("cpu"))  # one clear error for fp16 on CPU, before the actors
-    batch_size = cfg.batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
+        resolve_precision(cfg.precision, torch.device("cpu"))
     rows = [{"root": s.root, "path": s.path, "key": s.name, "png": png}
             for s, png in zip(inputs.sources, png_names([s.name for s in inputs.sources]), strict=True)]
+    actors = {"model": model, "num_classes": num_classes, "use_gpu": use_gpu, "workers": workers,
+              "normalize": cfg.normalize or checkpoint.normalize, "precision": cfg.precision,
+              "dtype": HDF5_PRECISIONS[cfg.hdf5_precision], "probs": cfg.needs_probs, "masks": cfg.needs_masks}
     with staged_output(cfg.output) as out:
-        per_file = min(ROWS_PER_FILE, math.ceil(len(rows) / cfg.writers))
-        sink = _sink(cfg, out, classes, checkpoint, rows_per_file=per_file)
-        # Ray Data's per-operator reservations only held tasks back here (as in prepare).
-        with data_context(op_resource_reservation_enabled=False):
-            data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
-        data.context.execution_options.preserve_order = True  # the same batches every run: the same floats
-        # The decode stage asks for the CPUs of a model actor: beside CPU actors Ray Data then fuses it into them
-        # (each decodes its own batches, no extra process or object-store copy: faster on 2 cores); beside GPU
-        # actors (which also ask for a GPU) it stays a pool of CPU tasks that keeps the GPUs fed.
-        actor_cpus = 1 if use_gpu else cpu_share(workers)
-        decoded = data.map_batches(_decode_batch, batch_size=batch_size, num_cpus=actor_cpus,
-                                   fn_kwargs={"size": cfg.size, "max_pixels": cfg.max_pixels,
-                                              "max_bytes": cfg.max_bytes})
-        predicted = decoded.map_batches(
-            Predictor, batch_size=batch_size, compute=ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"model": model, "num_classes": num_classes, "use_gpu": use_gpu,
-                                   "normalize": cfg.normalize or checkpoint.normalize, "workers": workers,
-                                   "precision": cfg.precision, "dtype": HDF5_PRECISIONS[cfg.hdf5_precision],
-                                   "probs": cfg.needs_probs, "masks": cfg.needs_masks},
-            num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0)
-        predicted.write_datasink(sink, concurrency=cfg.writers)
+        sink = _sink(cfg, out, classes, checkpoint, images=len(rows))
+        batch_size = cfg.batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
+        _pipeline(cfg, rows, actors, batch_size).write_datasink(sink, concurrency=cfg.writers)
         _write_csv(out, ERRORS_FILE, ("file", "reason", "detail"), sink.errors)
         if sink.repaired:
             _write_csv(out, REPAIRS_FILE, ("file", "repair"), sorted(sink.repaired.items()))
@@ -175,6 +159,24 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
             "skipped": dict(Counter(reason for _, reason, _ in sink.errors).most_common()),
             "repaired": len(sink.repaired), "files": len(set(sink.written.values()) - {""}), "seconds": seconds,
             "images_per_s": len(sink.written) / seconds, "workers": workers, "device": "gpu" if use_gpu else "cpu"}
+
+
+def _pipeline(cfg: PredictConfig, rows: list[dict], actors: dict, batch_size: int) -> ray.data.Dataset:
+    """The files of ``rows`` decoded and predicted, in input order, by actors made with ``actors``."""
+    # Ray Data's per-operator reservations only held tasks back here (as in prepare). Blocks of at most one batch
+    # (Ray Data splits evenly): no one-image batch after each block's 16.
+    with data_context(op_resource_reservation_enabled=False):
+        data = ray.data.from_items(rows, override_num_blocks=min(math.ceil(len(rows) / batch_size), 1000))
+    data.context.execution_options.preserve_order = True  # the same batches every run: the same floats
+    # The decode stage asks for the CPUs of a model actor: beside CPU actors Ray Data then fuses it into them (each
+    # decodes its own batches, no extra process or object-store copy: faster on 2 cores); beside GPU actors (which
+    # also ask for a GPU) it stays a pool of CPU tasks that keeps the GPUs fed.
+    actor_cpus = 1 if actors["use_gpu"] else cpu_share(actors["workers"])
+    decoded = data.map_batches(_decode_batch, batch_size=batch_size, num_cpus=actor_cpus,
+                               fn_kwargs={"size": cfg.size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes})
+    return decoded.map_batches(Predictor, batch_size=batch_size, compute=ActorPoolStrategy(size=actors["workers"]),
+                               fn_constructor_kwargs=actors, num_cpus=actor_cpus,
+                               num_gpus=1 if actors["use_gpu"] else 0)
 
 
 def describe_predictions(summary: dict) -> str:
@@ -217,9 +219,11 @@ def _ours(output: Location) -> frozenset[str]:
 
 
 def _sink(cfg: PredictConfig, out: Location, classes: list[str], checkpoint: Checkpoint,
-          rows_per_file: int) -> PredictionSink:
-    common = {"rows_per_file": rows_per_file, "masks": cfg.masks, "overlays": cfg.overlays,
-              "background": classes.index("background") if "background" in classes else -1,
+          images: int) -> PredictionSink:
+    """The sink of ``cfg.format``; each write task takes at least 1/``cfg.writers`` of the rows, at most
+    ``ROWS_PER_FILE`` (once blocks add up to that many)."""
+    common = {"rows_per_file": min(ROWS_PER_FILE, math.ceil(images / cfg.writers)), "masks": cfg.masks,
+              "overlays": cfg.overlays, "background": classes.index("background") if "background" in classes else -1,
               "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
     if cfg.format == "parquet":
         return ParquetSink(out, probabilities=cfg.probabilities, **common)
