@@ -148,7 +148,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
         plain["plain-cl"].append(run_child("plain-cl", args, tmp / f"plain-cl-{round_}"))
         for workers in args.workers:
             rays[workers].append(run_child("ray", args, tmp / f"ray-{workers}-{round_}", workers))
-    return plain, {workers: min(runs, key=lambda r: r["seconds"]) for workers, runs in rays.items()}
+    fastest = {workers: min(runs, key=lambda r: r["seconds"]) for workers, runs in rays.items()}
+    return plain, {workers: {**run, "runs": [r["seconds"] for r in rays[workers]]} for workers, run in fastest.items()}
 
 
 def report(args: argparse.Namespace, plain: dict, rays: dict) -> str:
@@ -166,7 +167,9 @@ def report(args: argparse.Namespace, plain: dict, rays: dict) -> str:
         steady[workers] = (result["images"] - result["small_images"]) / (result["seconds"] - result["small_seconds"])
         fixed = result["seconds"] - result["images"] / steady[workers]
         with_start = result["images"] / (result["seconds"] + result["ray_start"])
-        rows.append(f"| `raypets predict --cpu --workers {workers}` | {result['images']} | {result['seconds']:.1f} | "
+        times = " / ".join(f"{seconds:.1f}" for seconds in result["runs"])
+        rows.append(f"| `raypets predict --cpu --workers {workers}` (runs: {times} s) | {result['images']} | "
+                    f"{result['seconds']:.1f} | "
                     f"{whole:.1f} | {steady[workers]:.1f} (+ {fixed:.1f} s a call) | {with_start:.1f} | "
                     f"**{whole / base:.2f}×**; running {steady[workers] / base:.2f}×; with `ray.init` "
                     f"{with_start / base:.2f}× |")
