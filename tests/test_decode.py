@@ -12,7 +12,7 @@ from PIL import Image
 
 from raypets.data.decode import DecodeError, decode_image, decode_mask, parse_size, resize_image, resize_mask
 from raypets.data.layouts import detect_layout, discover
-from raypets.data.sources import read_source
+from raypets.data.sources import read_and_decode, read_source
 from raypets.errors import UserError
 
 
@@ -216,3 +216,13 @@ def test_an_unreadable_file_is_refused_as_permission_denied(tmp_path):
     (tmp_path / "secret.jpg").chmod(0)
     with pytest.raises(DecodeError, match="permission denied"):
         read_source("", os.fsencode(tmp_path / "secret.jpg"), 2**20)
+
+
+def test_a_decoders_unexpected_exception_is_a_reason_not_a_crash(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+
+    def broken(data: bytes):
+        return 1 / 0
+
+    with pytest.raises(DecodeError, match="undecodable image data: ZeroDivisionError: division by zero"):
+        read_and_decode("", os.fsencode(tmp_path / "a.jpg"), 2**20, broken)
