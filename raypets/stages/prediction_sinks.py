@@ -140,6 +140,8 @@ class ParquetSink(PredictionSink):
 
 
 class _ParquetFile(FileWriter):
+    """One Parquet file, written a row group of ``ROWS_PER_GROUP`` rows at a time (straight to a URI too)."""
+
     ROWS_PER_GROUP = 64
 
     def __init__(self, output: Location, name: str, probabilities: bool) -> None:
@@ -166,10 +168,10 @@ class _ParquetFile(FileWriter):
             return
         from ray.data.extensions import ArrowTensorArray
 
-        columns = {key: [r[key] for r in self.rows] for key in self.rows[0] if key != "probs"}
+        columns = {key: [r[key] for r in self.rows] for key in self.rows[0]}
+        if self.probabilities:  # a tensor column Ray Data and pandas read back as arrays
+            columns["probs"] = ArrowTensorArray.from_numpy(np.stack(columns["probs"]))
         table = pa.table({**columns, "mask": pa.array(columns["mask"], pa.binary())})
-        if self.probabilities:
-            table = table.append_column("probs", ArrowTensorArray.from_numpy(np.stack([r["probs"] for r in self.rows])))
         if self.writer is None:
             filesystem, path = storage.filesystem(storage.join(self.output, self.name))
             if filesystem is None:
