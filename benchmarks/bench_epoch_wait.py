@@ -78,7 +78,8 @@ def main() -> None:
                       f"{extra:.2f} | {extra - work:+.2f} |" for poll, (one, eleven, extra) in rows.items())
     text = f"""{SECTION}
 
-{date.today().isoformat()}, {host}; `python benchmarks/bench_epoch_wait.py --n {args.n} --size {args.size} --repeats {args.repeats}`. \
+{date.today().isoformat()}, {host}; `python benchmarks/bench_epoch_wait.py --n {args.n} --size {args.size} \
+--repeats {args.repeats}`. \
 {args.n} synthetic images at {args.size} px (a quarter held out), 1 CPU worker, batch 8, one local Ray after a \
 warm-up run; wall time of `train()` (the trainer's start included, `ray.init` not), the fastest of \
 {args.repeats} runs each. An epoch's own work: the median `epoch_time_s` of the 11-epoch runs with the 0.1 s poll, \

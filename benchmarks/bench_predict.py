@@ -1,14 +1,17 @@
 """``raypets predict`` (Ray Data) against a plain single-process loop doing the same decode + resize + forward +
-h5py write, and the HDF5 bytes written per image against the raw float32 size.
+h5py write, the HDF5 bytes written per image against the raw float32 size, and JPEG draft decoding (predict's and
+prepare's) against full decoding: decodes per core and the mean pixel difference after the resize.
 
     python benchmarks/bench_predict.py [--n 1000] [--small 32] [--size 160] [--batch 16] [--cpus 2] [--workers 1 2]
-                                       [--write-docs]
+                                       [--rounds 2] [--write-docs]
 
 Two baselines: the loop as one would write it (contiguous tensors, torch's default threads), and the same loop with
 the channels_last forward that the model actors use, so that the ratio to the latter is what the Ray pipeline itself
-adds. Each baseline runs before and after the Ray runs (the mean is used). Each measurement runs in a fresh Python
-process; Ray's start is timed apart from the pipeline: a cluster user pays it once, a laptop user on every command;
-the model actors' start (a fixed cost of every call) is measured with a small call first.
+adds. The channels_last loop and the Ray runs alternate for ``--rounds`` rounds and the fastest of each is kept (on a
+shared machine a run's time varies with its neighbours' load; the fastest is the closest to the machine's own
+speed). Each measurement runs in a fresh Python process; Ray's start is timed apart from the pipeline: a cluster
+user pays it once, a laptop user on every command; the model actors' start (a fixed cost of every call) is measured
+with a small call first.
 The weights are random (speed does not depend on them).
 """
 
@@ -57,6 +60,25 @@ def plain_loop(images: Path, out: Path, checkpoint: Path, size: int, batch: int,
             "bytes": (out / "output_1.h5").stat().st_size}
 
 
+def draft_decode(images: Path, size: int, n: int = 300) -> dict:
+    """Decode + bilinear resize of the first ``n`` images, in full and at the JPEG draft scale (twice each, the
+    faster kept), on one core; the mean absolute pixel difference of the two results."""
+    import numpy as np
+
+    from raypets.data.decode import decode_image, resize_image
+
+    data = [path.read_bytes() for path in sorted(images.glob("*.jpg"))[:n]]
+    results, rates = {}, {}
+    for kind, draft in (("full", None), ("draft", (size, size))) * 2:
+        start = time.perf_counter()
+        results[kind] = [resize_image(decode_image(d, "a.jpg", draft=draft).pixels, (size, size)) for d in data]
+        rates[kind] = max(rates.get(kind, 0), len(data) / (time.perf_counter() - start))
+    difference = np.mean([np.abs(a.astype(np.int16) - b).mean() for a, b in zip(*results.values(), strict=True)])
+    drafted = decode_image(data[0], "a.jpg", draft=(size, size)).pixels.shape
+    return {"full": rates["full"], "draft": rates["draft"], "difference": float(difference), "images": len(data),
+            "drafted": list(drafted[:2])}
+
+
 def ray_predict(images: Path, small: Path, out: Path, checkpoint: Path, size: int, batch: int, cpus: int,
                 workers: int) -> dict:
     """Ray started once; ``small`` twice (the first call also starts Ray's own helpers), then all images in float32
@@ -77,13 +99,16 @@ def ray_predict(images: Path, small: Path, out: Path, checkpoint: Path, size: in
     for name, source, precision in (("cold", small, "single"), ("small", small, "single"), ("all", images, "single"),
                                     ("half", images, "half")):
         cfg = PredictConfig(checkpoint, source, out / name, batch_size=batch, workers=workers, device="cpu",
-                            size=(size, size), precision=precision)
+                            size=(size, size), hdf5_precision=precision)
         runs[name] = predict(cfg)
     ray.shutdown()
     return {"seconds": runs["all"]["seconds"], "images": runs["all"]["written"], "ray_start": ray_start,
             "small_seconds": runs["small"]["seconds"], "small_images": runs["small"]["written"],
-            "bytes": (out / "all" / "output_1.h5").stat().st_size,
-            "half_bytes": (out / "half" / "output_1.h5").stat().st_size}
+            "bytes": _h5_bytes(out / "all"), "half_bytes": _h5_bytes(out / "half")}
+
+
+def _h5_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("output_*.h5"))
 
 
 def run_child(kind: str, args: argparse.Namespace, out: Path, workers: int = 1) -> dict:
@@ -106,7 +131,8 @@ def first_images(images: Path, n: int, folder: Path) -> Path:
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
-    """Both baselines before and after the Ray runs; returns (baselines, ray runs by worker count)."""
+    """The channels_last loop and the Ray runs alternating for ``--rounds`` rounds (the contiguous loop once, first);
+    returns (baselines' runs, the fastest Ray run by worker count)."""
     import torch
 
     from raypets.model import XceptionUNet
@@ -115,46 +141,54 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
     args.small_images = first_images(args.images, args.small, tmp / "small")
     torch.manual_seed(0)
     torch.save(XceptionUNet().state_dict(), args.checkpoint)
-    plain = {kind: [run_child(kind, args, tmp / f"{kind}-before")] for kind in ("plain", "plain-cl")}
-    rays = {workers: run_child("ray", args, tmp / f"ray-{workers}", workers) for workers in args.workers}
-    for kind in plain:
-        plain[kind].append(run_child(kind, args, tmp / f"{kind}-after"))
-    return plain, rays
+    args.decode = run_child("decode", args, tmp / "decode")
+    plain = {"plain": [run_child("plain", args, tmp / "plain")], "plain-cl": []}
+    rays: dict[int, list[dict]] = {workers: [] for workers in args.workers}
+    for round_ in range(args.rounds):
+        plain["plain-cl"].append(run_child("plain-cl", args, tmp / f"plain-cl-{round_}"))
+        for workers in args.workers:
+            rays[workers].append(run_child("ray", args, tmp / f"ray-{workers}-{round_}", workers))
+    fastest = {workers: min(runs, key=lambda r: r["seconds"]) for workers, runs in rays.items()}
+    return plain, {workers: {**run, "runs": [r["seconds"] for r in rays[workers]]} for workers, run in fastest.items()}
 
 
 def report(args: argparse.Namespace, plain: dict, rays: dict) -> str:
-    ips = {kind: runs[0]["images"] * 2 / sum(r["seconds"] for r in runs) for kind, runs in plain.items()}
+    fastest = {kind: min(runs, key=lambda r: r["seconds"]) for kind, runs in plain.items()}
+    ips = {kind: run["images"] / run["seconds"] for kind, run in fastest.items()}
     base = ips["plain-cl"]
     rows = []
     for kind, label in (("plain", "contiguous tensors, as one writes it"), ("plain-cl", "channels_last forward")):
-        before, after = plain[kind]
-        rows.append(f"| plain loop, {label}, 1 process, {before['threads']} torch threads (before / after: "
-                    f"{before['seconds']:.1f} s / {after['seconds']:.1f} s) | {before['images']} | "
-                    f"{(before['seconds'] + after['seconds']) / 2:.1f} | {ips[kind]:.1f} | | | "
-                    f"{ips[kind] / base:.2f}× |")
+        run, times = fastest[kind], " / ".join(f"{r['seconds']:.1f}" for r in plain[kind])
+        rows.append(f"| plain loop, {label}, 1 process, {run['threads']} torch threads (runs: {times} s) | "
+                    f"{run['images']} | {run['seconds']:.1f} | {ips[kind]:.1f} | | | {ips[kind] / base:.2f}× |")
     steady = {}
     for workers, result in rays.items():
         whole = result["images"] / result["seconds"]
         steady[workers] = (result["images"] - result["small_images"]) / (result["seconds"] - result["small_seconds"])
         fixed = result["seconds"] - result["images"] / steady[workers]
         with_start = result["images"] / (result["seconds"] + result["ray_start"])
-        rows.append(f"| `raypets predict --cpu --workers {workers}` | {result['images']} | {result['seconds']:.1f} | "
+        times = " / ".join(f"{seconds:.1f}" for seconds in result["runs"])
+        rows.append(f"| `raypets predict --cpu --workers {workers}` (runs: {times} s) | {result['images']} | "
+                    f"{result['seconds']:.1f} | "
                     f"{whole:.1f} | {steady[workers]:.1f} (+ {fixed:.1f} s a call) | {with_start:.1f} | "
                     f"**{whole / base:.2f}×**; running {steady[workers] / base:.2f}×; with `ray.init` "
                     f"{with_start / base:.2f}× |")
+    decode = args.decode
     best = max(rays, key=lambda w: rays[w]["images"] / rays[w]["seconds"])
     best_ips = rays[best]["images"] / rays[best]["seconds"]
     raw = 3 * args.size * args.size * 4
     per_image = rays[best]["bytes"] / rays[best]["images"]
     half_per_image = rays[best]["half_bytes"] / rays[best]["images"]
-    plain_per_image = plain["plain"][1]["bytes"] / plain["plain"][1]["images"]
+    plain_per_image = fastest["plain"]["bytes"] / fastest["plain"]["images"]
     return f"""{SECTION}
 
 {date.today().isoformat()}, {machine()}; `python benchmarks/bench_predict.py --n {args.n} --small {args.small} \
---size {args.size} --batch {args.batch} --cpus {args.cpus} --workers {' '.join(map(str, args.workers))}`. Synthetic
+--size {args.size} --batch {args.batch} --cpus {args.cpus} --workers {' '.join(map(str, args.workers))} \
+--rounds {args.rounds}` (the fastest of the rounds). Synthetic
 500×375 JPEGs, XceptionUNet at {args.size}×{args.size}, batch {args.batch}, random weights; Ray started once with
 {args.cpus} CPUs, then `predict` on {args.small} images (twice: the first call also starts Ray's helpers), on all
-{args.n}, and on all with `--precision half`.
+{args.n}, and on all with `--hdf5-precision half`. The plain loops decode each JPEG in full; `predict` decodes it at
+the draft scale (below).
 Seconds run from the call to its summary (listing, checkpoint, model actors' start, pipeline, index, rename). Each call
 starts its actors afresh (a process importing torch each): "running" is the throughput once they run, from the
 difference of the {args.small}- and {args.n}-image calls, and the fixed cost of a call beside it.
@@ -167,9 +201,14 @@ ratio to the channels_last plain loop |
 - `--workers {best}` / the plain loop with the same channels_last forward: **{best_ips / base:.2f}×** end to end, \
 {steady[best] / base:.2f}× running (target ≥ 1.2× on 2 cores); / the plain loop as one writes it: \
 {best_ips / ips['plain']:.2f}×.
-- HDF5 bytes per image: {per_image:,.0f} (float32) and {half_per_image:,.0f} (`--precision half`) against the raw \
-float32 array's {raw:,} bytes (3×{args.size}×{args.size}×4): {per_image / raw:.3f} and {half_per_image / raw:.3f} \
-of it (the plain loop's file: {plain_per_image / raw:.3f}).
+- HDF5 bytes per image: {per_image:,.0f} (float32) and {half_per_image:,.0f} (`--hdf5-precision half`) against the \
+raw float32 array's {raw:,} bytes (3×{args.size}×{args.size}×4): {per_image / raw:.3f} and \
+{half_per_image / raw:.3f} of it (the plain loop's file: {plain_per_image / raw:.3f}).
+- JPEG draft decoding (predict's and prepare's decode step), {decode['images']} of these JPEGs to \
+{args.size}×{args.size} on one core: {decode['draft']:.0f} decodes + resizes/s against {decode['full']:.0f} in full \
+(**{decode['draft'] / decode['full']:.2f}×**; decoded at {decode['drafted'][1]}×{decode['drafted'][0]}, the \
+smallest DCT scale at least {args.size} px); mean absolute pixel difference after the resize \
+**{decode['difference']:.2f}** of 255.
 """
 
 
@@ -181,14 +220,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="model actor counts to measure")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of the loop and Ray; the fastest")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "raypets-bench")
     parser.add_argument("--write-docs", action="store_true")
-    parser.add_argument("--child", choices=["plain", "plain-cl", "ray"])
+    parser.add_argument("--child", choices=["plain", "plain-cl", "ray", "decode"])
     parser.add_argument("--images", type=Path)
     parser.add_argument("--small-images", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
+    if args.child == "decode":
+        return print(json.dumps(draft_decode(args.images, args.size)))
     if args.child == "ray":
         return print(json.dumps(ray_predict(args.images, args.small_images, args.out, args.checkpoint, args.size,
                                             args.batch, args.cpus, args.workers[0])))

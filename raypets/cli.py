@@ -25,7 +25,7 @@ def _local(text: str) -> Path:
     """A path that must be local: a URI here is one clear error naming the argument."""
     if storage.is_uri(text):
         raise argparse.ArgumentTypeError(f"{text}: takes a local path, not a URI (URIs are for prepare's OUT, "
-                                         "--data, --run-dir, --checkpoint and predict's OUTPUT)")
+                                         "--data, --run-dir, --checkpoint and predict's INPUT and OUTPUT)")
     return Path(text)
 
 
@@ -38,6 +38,12 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="one GPU per worker")
     device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="CPU workers only")
+
+
+def _add_precision_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=default,
+                        help="autocast of the forward pass (default auto: bf16, or fp16 where the GPU lacks it; "
+                        "fp32 on a CPU)")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -128,7 +134,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 _PREDICT_FLAGS = {"checkpoint", "input", "output", "batch_size", "workers", "device", "precision", "size", "masks",
-                  "overlays", "overwrite"}
+                  "overlays", "overwrite", "hdf5_precision", "format", "writers", "probabilities", "max_pixels",
+                  "max_file_mb"}
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -140,7 +147,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_output_file(out, args.overwrite)  # before the work, not after it
     set_progress_bars(not args.no_progress)
     result = evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device or "auto", address=args.address)
+                      device=args.device or "auto", precision=args.precision, address=args.address)
     print(format_metrics(result))
     write_json(result, out, overwrite=True)
     print(f"wrote {out}")
@@ -300,17 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_train)
 
     infer = commands.add_parser("predict", help="batch inference into HDF5 softmax predictions (Ray Data)")
-    infer.add_argument("input", type=_local, nargs="?",
-                       help="local folder of images (recursive), one image or a file list")
+    infer.add_argument("input", type=storage.parse, nargs="?",
+                       help="images: a folder (recursive), one image, a text/CSV list of paths or URIs, or an "
+                       "object-store prefix (s3://bucket/photos/)")
     infer.add_argument("output", type=storage.parse, nargs="?",
-                       help="folder or URI to create: output_1.h5, predictions.h5, errors.csv")
+                       help="folder or URI to create: output_<k>.h5, predictions.h5 (or --format's files), errors.csv")
     infer.add_argument("--checkpoint", type=storage.parse, help="model_checkpoint_<epoch>.pt, a Ray checkpoint "
                        "folder, a run folder or a sweep's best.json, local or at a URI")
     infer.add_argument("--config", type=_local, help="an rmldnn inference config; flags override it")
     infer.add_argument("--batch-size", type=int, help="images per model call (default 16)")
     infer.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 2 CPU actors)")
     _add_device_args(infer)
-    infer.add_argument("--precision", choices=["single", "half"], help="float32 (default) or float16 in the HDF5")
+    _add_precision_arg(infer)
+    infer.add_argument("--hdf5-precision", choices=["single", "half"],
+                       help="float32 (default) or float16 probabilities in the HDF5 (rmldnn's hdf5_precision)")
+    infer.add_argument("--format", choices=["hdf5", "parquet", "png"],
+                       help="hdf5 (default: rmldnn's softmax files), parquet (name, size, mask PNG), png (masks only)")
+    infer.add_argument("--writers", type=int,
+                       help="write tasks at once (default 1), each writing its own output_<k>.h5 or part-<k>.parquet")
+    infer.add_argument("--probabilities", action="store_true", default=None,
+                       help="--format parquet: also the softmax at network resolution (column probs)")
+    infer.add_argument("--max-pixels", type=int, help="refuse images of more pixels, from their header "
+                       "(default 89,478,485: PIL's decompression-bomb limit)")
+    infer.add_argument("--max-file-mb", type=float, help="refuse larger files, unread (default 512)")
     infer.add_argument("--size", type=_size, help="network input, N or WIDTHxHEIGHT, multiples of 16 (default 160)")
     infer.add_argument("--masks", action="store_true", default=None,
                        help="also write class-id PNG masks at each image's original size (OUTPUT/masks/)")
@@ -345,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     score.add_argument("--batch-size", type=int, default=32)
     score.add_argument("--workers", type=int, default=1, help="model actors (one GPU each with --gpu)")
+    _add_precision_arg(score, default="auto")
     _add_device_args(score)
     _add_ray_args(score)
     score.set_defaults(func=_evaluate)

@@ -242,7 +242,7 @@ def training_settings(path: Path) -> tuple[dict, Path | None, tuple[int, int] | 
 
 def inference_settings(path: Path) -> dict:
     """``raypets predict`` settings from an rmldnn inference config: ``checkpoint``, ``input``, ``output``,
-    ``batch_size``, ``size`` (height, width), ``normalize`` (mean, std), ``network`` and ``precision``, each only
+    ``batch_size``, ``size`` (height, width), ``normalize`` (mean, std), ``network`` and ``hdf5_precision``, each only
     when the file gives it."""
     net = _parse(path, Inference, load(path))
     base = path.resolve().parent
@@ -251,7 +251,7 @@ def inference_settings(path: Path) -> dict:
     normalize = (transforms["normalize_mean"], transforms["normalize_std"]) if "normalize_std" in transforms else None
     settings = _given(
         checkpoint=_under(base, net.checkpoints.load), input=_under(base, data.test_input_path),
-        output=_under(base, data.test_output_path), batch_size=data.test_batch_size, precision=data.hdf5_precision,
+        output=_under(base, data.test_output_path), batch_size=data.test_batch_size, hdf5_precision=data.hdf5_precision,
         size=size, normalize=normalize)
     if net.layers is not None:
         settings["network"] = network_path(base / net.layers)

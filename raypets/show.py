@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from PIL import Image
 
+from raypets.data.decode import decode_image
+from raypets.data.sources import display_name
 from raypets.errors import UserError
+from raypets.inference import full_size_mask
 from raypets.plots import plt
 
 
 def show_predictions(output: Path, out: Path, *, images: Path | None = None, truth: Path | None = None,
                      rows: int = 6) -> Path:
     """The tutorial's figure from a ``raypets predict`` folder: a row per sample (first ``rows`` by name) with the
-    input (when ``images`` is given), the predicted class ids at network resolution, and the ground truth (when
+    input (when ``images`` is given, as a viewer orients it), the predicted class ids at the image's original size
+    (the probabilities resized bilinearly, then the argmax, as predict's masks), and the ground truth (when
     ``truth`` holds a class-id mask named like the image, any image suffix)."""
     if rows < 1:
         raise UserError(f"--rows must be at least 1, got {rows}")
@@ -23,11 +29,12 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
     if not index.is_file():
         raise UserError(f"{output}: no predictions.h5; is it a folder written by raypets predict?")
     with h5py.File(index, "r") as file:
-        names = sorted(_dataset_names(file))[:rows]
-        if not names:
+        keys = sorted(dataset_names(file))[:rows]
+        if not keys:
             raise UserError(f"{index}: holds no predictions")
-        predictions = [file[name][()].argmax(0) for name in names]
-        num_classes = file[names[0]].shape[0]
+        predictions = [_class_ids(file[key]) for key in keys]
+        num_classes = file[keys[0]].shape[0]
+    names = [os.fsdecode(key) for key in keys]
     columns = [("input", images), ("prediction", None), ("ground truth", truth)]
     columns = [(title, folder) for title, folder in columns if title == "prediction" or folder is not None]
     fig, axes = plt.subplots(len(names), len(columns), figsize=(2.6 * len(columns), 2.6 * len(names)), dpi=100,
@@ -41,11 +48,11 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
             if title == "prediction":
                 ax.imshow(predicted, cmap="gray", interpolation="nearest", vmin=0, vmax=num_classes - 1)
             elif title == "input":
-                ax.imshow(Image.open(_existing(folder / name)).convert("RGB"))
+                ax.imshow(decode_image(_existing(folder / name).read_bytes(), name, orient=True).pixels)
             else:
                 ax.imshow(np.asarray(Image.open(_mask_for(folder, name))), cmap="gray", interpolation="nearest",
                           vmin=0, vmax=num_classes - 1)
-        axes[row][0].text(0, 0, name, fontsize=7, va="bottom", transform=axes[row][0].transAxes)
+        axes[row][0].text(0, 0, display_name(name), fontsize=7, va="bottom", transform=axes[row][0].transAxes)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -53,15 +60,22 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
     return out
 
 
-def _dataset_names(group, prefix: str = "") -> list[str]:
-    """Every dataset's path under ``group``, through the external links that predictions.h5 holds (which h5py's
-    ``visititems`` does not follow)."""
+def _class_ids(dataset: h5py.Dataset) -> np.ndarray:
+    """A prediction's class ids at its image's original size (its network size when the file does not say)."""
+    size = dataset.attrs.get("original_size", dataset.shape[1:])
+    return full_size_mask(torch.from_numpy(dataset[()]), (int(size[0]), int(size[1]))).numpy()
+
+
+def dataset_names(group, prefix: bytes = b"") -> list[bytes]:
+    """Every dataset's path under ``group`` (bytes: names need not be UTF-8), through the external links that
+    predictions.h5 holds (which h5py's ``visititems`` does not follow)."""
     names = []
     for key, item in group.items():
+        path = prefix + (key if isinstance(key, bytes) else key.encode())
         if isinstance(item, h5py.Dataset):
-            names.append(prefix + key)
+            names.append(path)
         elif isinstance(item, h5py.Group):
-            names += _dataset_names(item, f"{prefix}{key}/")
+            names += dataset_names(item, path + b"/")
     return names
 
 

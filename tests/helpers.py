@@ -82,3 +82,59 @@ def ray_checkpoint_folder(folder: Path, epoch: int, seed: int, config: dict | No
     save_state(folder, weights=weights, optimizer={}, epoch=epoch, step=10 * epoch, config=config or {})
     assert (folder / weights_name(epoch)).is_file()
     return weights
+
+
+def bomb_png(path: Path, side: int = 20000) -> Path:
+    """A valid ``side`` x ``side`` 1-bit PNG of zeros: about 50 KB on disk for 400 M pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    body = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+# The hostile corpus: file name -> the reason predict and prepare skip it for (None: used, maybe repaired).
+HOSTILE = {
+    b"bomb.png": "too many pixels",
+    b"huge.jpg": "file too large",
+    b"gone.jpg": "dangling symlink",
+    b"pipe.jpg": "not a regular file",
+    b"empty.jpg": "empty file",
+    b"depth16.png": None,
+    b"rotated.jpg": None,
+    b"caf\xe9.jpg": None,  # names that are not UTF-8
+    b"\xff-empty.jpg": "empty file",
+}
+ROTATED_STORED = (24, 40)  # rotated.jpg's pixels as stored (height, width); EXIF orientation 6 shows them 40 x 24
+
+
+def hostile_corpus(folder: Path) -> dict[bytes, str | None]:
+    """Write :data:`HOSTILE` into ``folder``: a decompression bomb, a 3 GB sparse non-image, a dangling symlink, a
+    FIFO, a 0-byte file, a 16-bit PNG (values 1000..60000), a JPEG stored sideways with EXIF orientation 6, and a
+    JPEG and a 0-byte file whose names are not UTF-8."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(16)
+    bomb_png(folder / "bomb.png")
+    with open(folder / "huge.jpg", "wb") as huge:
+        huge.truncate(3 * 2**30)
+    (folder / "gone.jpg").symlink_to(folder / "nowhere.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    depth = np.linspace(1000, 60000, 30 * 40).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(depth).save(folder / "depth16.png")
+    sideways = Image.fromarray(rng.integers(0, 256, (*ROTATED_STORED, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(folder / "rotated.jpg", exif=exif)
+    save_image(folder / os.fsdecode(b"caf\xe9.jpg"), rng.integers(0, 256, (36, 28, 3), dtype=np.uint8))
+    (folder / os.fsdecode(b"\xff-empty.jpg")).write_bytes(b"")
+    return dict(HOSTILE)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
-from helpers import random_pair, save_image
+from helpers import bomb_png, random_pair, save_image
 from PIL import Image
 
 from raypets.data.decode import DecodeError, decode_image, decode_mask, parse_size, resize_image, resize_mask
 from raypets.data.layouts import detect_layout, discover
+from raypets.data.sources import read_and_decode, read_source
 from raypets.errors import UserError
 
 
@@ -127,3 +129,100 @@ def test_pairs_match_by_relative_path_and_leftovers_are_skipped(tmp_path):
         "images/notes.txt": "not an image file", "masks/d.png": "mask without image",
         "masks/._a.png": "AppleDouble metadata file"}
     assert found.files == 10 == 2 * len(found.pairs) + len(found.skipped)
+
+
+def _jpeg(width: int, height: int, orientation: int = 1) -> bytes:
+    """A smooth JPEG (a gradient, as photos are), stored ``width`` x ``height``, with an EXIF orientation."""
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    pixels = np.stack([x, y, (x + y) / 2], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+def test_draft_decodes_a_jpeg_at_the_smallest_scale_at_least_the_target():
+    data = _jpeg(500, 375)
+    full = decode_image(data, "a.jpg")
+    small = decode_image(data, "a.jpg", draft=(160, 160))
+    assert full.pixels.shape == (375, 500, 3) and small.pixels.shape == (188, 250, 3)  # 1/2: 1/4 would be < 160
+    assert small.original_size == full.original_size == (375, 500)
+    difference = np.abs(resize_image(small.pixels, (160, 160)).astype(int) - resize_image(full.pixels, (160, 160)))
+    assert difference.mean() < 3
+    png = encode(np.zeros((375, 500, 3), np.uint8), "PNG")
+    assert decode_image(png, "a.png", draft=(160, 160)).pixels.shape == (375, 500, 3)  # only JPEGs have scales
+
+
+def test_exif_orientation_is_applied_and_the_draft_follows_it():
+    data = _jpeg(640, 160, orientation=6)  # stored wide, shown tall
+    assert decode_image(data, "a.jpg").pixels.shape == (160, 640, 3)  # predict orients, prepare does not
+    shown = decode_image(data, "a.jpg", orient=True)
+    assert shown.pixels.shape == (640, 160, 3) and shown.original_size == (640, 160)
+    assert shown.repair == "EXIF orientation 6 applied"
+    drafted = decode_image(data, "a.jpg", orient=True, draft=(320, 80))  # at least 320 high, 80 wide as shown
+    assert drafted.pixels.shape == (320, 80, 3) and drafted.original_size == (640, 160)
+
+
+@pytest.mark.parametrize(("mode", "values"), [("I;16", np.array([[1000, 30000], [60000, 45000]], np.uint16)),
+                                              ("I", np.array([[-5, 0], [70000, 100]], np.int32)),
+                                              ("F", np.array([[0.25, 0.5], [1.0, 0.75]], np.float32))])
+def test_wide_images_are_scaled_to_8_bits_by_their_range(mode, values):
+    img = Image.fromarray(values)
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    decoded = decode_image(buf.getvalue(), "a.tif")
+    grey = decoded.pixels[..., 0].astype(float)
+    expected = (values.astype(float) - values.min()) * 255 / (values.max() - values.min())
+    np.testing.assert_allclose(grey, expected, atol=0.51)
+    assert decoded.repair.startswith(f"{img.mode} scaled to 8 bits (range ")
+
+
+def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png").read_bytes()
+    assert len(bomb) < 100_000
+    with pytest.raises(DecodeError, match="too many pixels: 20000x20000 = 400,000,000 pixels, over the limit of "
+                                          "89,478,485; --max-pixels raises it"):
+        decode_image(bomb, "bomb.png")
+    data = encode(np.zeros((100, 100, 3), np.uint8), "PNG")
+    with pytest.raises(DecodeError, match="too many pixels: 100x100"):
+        decode_image(data, "a.png", max_pixels=9_999)
+    assert decode_image(data, "a.png", max_pixels=10_000).pixels.shape == (100, 100, 3)
+    with pytest.raises(DecodeError, match="too many pixels"):
+        decode_mask(data[:], (0,), max_pixels=9_999)
+
+
+def test_files_that_must_not_be_read_are_refused_with_their_reason(tmp_path):
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    with open(tmp_path / "huge.jpg", "wb") as huge:
+        huge.truncate(2**31)
+    (tmp_path / "ok.jpg").write_bytes(b"12345")
+    cases = {"gone.jpg": "dangling symlink", "pipe.jpg": "not a regular file", "folder.jpg": "not a regular file",
+             "huge.jpg": "file too large", "missing.jpg": "file not found"}
+    for name, reason in cases.items():
+        with pytest.raises(DecodeError) as err:
+            read_source("", os.fsencode(tmp_path / name), 2**20)
+        assert err.value.reason == reason, name
+    assert read_source("", os.fsencode(tmp_path / "ok.jpg"), 5) == b"12345"
+    with pytest.raises(DecodeError, match="file too large: 5 bytes, over the limit of 4"):
+        read_source("", os.fsencode(tmp_path / "ok.jpg"), 4)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_file_is_refused_as_permission_denied(tmp_path):
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (tmp_path / "secret.jpg").chmod(0)
+    with pytest.raises(DecodeError, match="permission denied"):
+        read_source("", os.fsencode(tmp_path / "secret.jpg"), 2**20)
+
+
+def test_a_decoders_unexpected_exception_is_a_reason_not_a_crash(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+
+    def broken(data: bytes):
+        return 1 / 0
+
+    with pytest.raises(DecodeError, match="undecodable image data: ZeroDivisionError: division by zero"):
+        read_and_decode("", os.fsencode(tmp_path / "a.jpg"), 2**20, broken)

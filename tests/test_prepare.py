@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_pair, save_image
+from helpers import ROTATED_STORED, hostile_corpus, random_pair, save_image
 
 from raypets.cli import main
 from raypets.data.decode import decode_image, decode_mask, resize_image, resize_mask
+from raypets.data.sources import display_name
 from raypets.data.synth import synthesize
 from raypets.errors import UserError
 from raypets.stages import prepare as prepare_module
@@ -255,3 +257,35 @@ def test_cli_prints_a_summary_and_errors_in_one_line(oxford, tmp_path, ray_local
     assert f"prepared {tmp_path / 'out'}: " in printed and "files: 48 found, 48 used, 0 skipped" in printed
     assert main(["prepare", str(tmp_path / "nope"), str(tmp_path / "out2")]) == 2
     assert capsys.readouterr().err.strip() == f"raypets: error: {tmp_path / 'nope'}: dataset folder does not exist"
+
+
+def test_hostile_files_are_skipped_with_their_reasons_and_the_good_pairs_used(tmp_path, ray_local):
+    """The hostile corpus as images of the pairs layout, each with a mask, beside good pairs and a FIFO mask."""
+    src = tmp_path / "src"
+    expected = hostile_corpus(src / "images")
+    rng = np.random.default_rng(5)
+    sizes = {b"depth16.png": (30, 40), b"rotated.jpg": ROTATED_STORED, b"caf\xe9.jpg": (36, 28)}
+    for name in expected:
+        stem = os.fsdecode(name).rsplit(".", 1)[0]
+        height, width = sizes.get(name, (8, 8))
+        save_image(src / "masks" / f"{stem}.png", random_pair(rng, width, height, values=(0, 1, 2))[1])
+    for stem in ("good_1", "good_2", "fifo_mask"):
+        image, mask = random_pair(rng, values=(0, 1, 2))
+        save_image(src / "images" / f"{stem}.jpg", image)
+        if stem != "fifo_mask":
+            save_image(src / "masks" / f"{stem}.png", mask)
+    os.mkfifo(src / "masks" / "fifo_mask.png")
+    manifest = prepare(PrepareConfig(src, tmp_path / "out", layout="pairs", size=SIZE, test_fraction=0.0))
+    reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
+    for name, reason in expected.items():
+        shown = f"images/{display_name(name)}"
+        assert reasons.get(shown) == reason, shown
+        if reason:
+            assert reasons[f"masks/{display_name(name).rsplit('.', 1)[0]}.png"] == "partner skipped"
+    assert reasons["masks/fifo_mask.png"] == "not a regular file"
+    assert reasons["images/fifo_mask.jpg"] == "partner skipped"
+    train = load_split(tmp_path / "out", "train")
+    assert sorted(train["name"]) == ["caf\\xe9.jpg", "depth16.png", "good_1.jpg", "good_2.jpg", "rotated.jpg"]
+    depth = train["image"][list(train["name"]).index("depth16.png")]
+    assert depth.min() < 10 and depth.max() > 245  # scaled by its range, not clipped to white
+    assert manifest["files"] == {"candidates": 2 * len(expected) + 6, "used": 10, "skipped": 2 * len(expected) - 4}

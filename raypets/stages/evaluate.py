@@ -20,6 +20,7 @@ from raypets.inference import ModelRunner
 from raypets.metrics import ConfusionMatrix, format_metric
 from raypets.model import require_image_size
 from raypets.outputs import check_output_file
+from raypets.precision import PRECISIONS, resolve_precision
 from raypets.stages.runtime import cpu_share, init_ray, use_gpus
 from raypets.stages.shards import open_split, read_manifest
 from raypets.storage import Location
@@ -29,8 +30,8 @@ class _Scorer(ModelRunner):
     """A model actor: a batch of the split in, its confusion matrix (flattened, one row) out."""
 
     def __init__(self, model: torch.nn.Module, normalize: tuple[float, float], classes: list[str], use_gpu: bool,
-                 actors: int) -> None:
-        super().__init__(model, normalize, use_gpu, actors)
+                 actors: int, precision: str) -> None:
+        super().__init__(model, normalize, use_gpu, actors, precision)
         self.classes = classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,11 +44,17 @@ class _Scorer(ModelRunner):
 
 
 def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch_size: int = 32, workers: int = 1,
-             device: str = "auto", network: Path | None = None, address: str | None = None) -> dict:
+             device: str = "auto", precision: str = "auto", network: Path | None = None,
+             address: str | None = None) -> dict:
     """Metrics of ``checkpoint`` on ``split`` of the prepared ``data`` (either may be a URI): the keys of
-    ``ConfusionMatrix.compute`` plus ``checkpoint``, ``data``, ``split`` and ``images``."""
+    ``ConfusionMatrix.compute`` plus ``checkpoint``, ``data``, ``split`` and ``images``. ``precision``: the
+    autocast of the forward pass (:mod:`raypets.precision`)."""
     if batch_size < 1 or workers < 1:
         raise UserError("--batch-size and --workers must be at least 1")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if device == "cpu":
+        resolve_precision(precision, torch.device("cpu"))  # one clear error for fp16 on a CPU, before any work
     resolved = resolve_checkpoint(checkpoint)
     manifest = read_manifest(data)
     size = manifest["image_size"]
@@ -58,8 +65,11 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
 
     init_ray(address)
     use_gpu = use_gpus(device, workers, "actor")
+    if not use_gpu:
+        resolve_precision(precision, torch.device("cpu"))  # one clear error for fp16 on CPU, before the actors
     matrices = dataset.map_batches(
-        _Scorer, fn_constructor_args=(model, resolved.normalize, classes, use_gpu, workers), batch_size=batch_size,
+        _Scorer, fn_constructor_args=(model, resolved.normalize, classes, use_gpu, workers, precision),
+        batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
         num_cpus=1 if use_gpu else cpu_share(workers),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from raypets import storage
 from raypets.classes import CLASS_NAMES
 from raypets.data.decode import DecodedImage, DecodeError, decode_image, decode_mask, resize_image, resize_mask
 from raypets.data.layouts import Discovery, Pair, Skip, discover, official_split
+from raypets.data.sources import DEFAULT_MAX_FILE_MB, display_name, read_and_decode
 from raypets.errors import UserError
 from raypets.outputs import check_output_folder, staged_output
 from raypets.stages.runtime import data_context, init_ray
@@ -78,7 +80,7 @@ class PrepareConfig:
 
 def hash_split(name: str, seed: int, test_fraction: float) -> str:
     """Deterministic split of one name: stable across runs, and adding names moves none of the old ones."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/{name}".encode("utf-8", "surrogateescape")).digest()  # any file name's bytes
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
@@ -210,7 +212,10 @@ def _with_split(pair: Pair, split: str) -> Pair:
 def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], export: Path | None):
     import ray
 
-    rows = [{"name": p.name, "image_path": p.image, "mask_path": p.mask, "split": p.split}
+    root = cfg.src.resolve()
+    # Paths travel as bytes (file names need not be UTF-8), names as text with such bytes written \xNN.
+    rows = [{"name": display_name(p.name), "image_path": display_name(p.image), "mask_path": display_name(p.mask),
+             "image_file": os.fsencode(root / p.image), "mask_file": os.fsencode(root / p.mask), "split": p.split}
             for p in sorted(pairs, key=lambda p: p.split)]  # stable: listing order within a split
     # Each block is one task that decodes it in one call and writes it.
     items = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / PAIRS_PER_TASK))
@@ -218,7 +223,6 @@ def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], exp
         _decode_batch,
         batch_size=None,
         fn_kwargs={
-            "src": str(cfg.src),
             "size": cfg.size,
             "mask_values": found.mask_values,
             "mask_offset": found.mask_offset,
@@ -230,25 +234,28 @@ def _decode_dataset(cfg: PrepareConfig, found: Discovery, pairs: list[Pair], exp
 _META_COLUMNS = ["name", "split", "image_path", "repair", "skip_file", "reason", "detail", "partner"]
 
 
-def _decode_batch(batch: dict[str, np.ndarray], *, src: str, size: tuple[int, int], mask_values: tuple[int, ...],
+def _decode_batch(batch: dict[str, np.ndarray], *, size: tuple[int, int], mask_values: tuple[int, ...],
                   mask_offset: int, export: str | None) -> dict[str, np.ndarray]:
     """Ray Data UDF: read, decode, check, resize (and optionally export) each pair of the batch.
 
     A pair that cannot be used becomes a row with split "skipped", blank pixels and the reason.
     """
     rows = []
-    for name, image_rel, mask_rel, split in zip(batch["name"], batch["image_path"], batch["mask_path"],
-                                                batch["split"], strict=True):
+    for name, image_rel, mask_rel, image_file, mask_file, split in zip(
+            batch["name"], batch["image_path"], batch["mask_path"], batch["image_file"], batch["mask_file"],
+            batch["split"], strict=True):
         row = {"name": name, "split": split, "image_path": image_rel, "repair": "", "skip_file": "",
                "reason": "", "detail": "", "partner": "", "height": 0, "width": 0}
         try:
-            decoded, truth = _load_pair(Path(src), image_rel, mask_rel, mask_values, mask_offset)
+            decoded, truth = _load_pair((image_rel, bytes(image_file)), (mask_rel, bytes(mask_file)), mask_values,
+                                        mask_offset, None if export else size)
         except _PairError as err:
             row.update(split="skipped", skip_file=err.file, partner=err.partner, reason=err.cause.reason,
                        detail=err.cause.detail, image=np.zeros((*size, 3), np.uint8), mask=np.zeros(size, np.uint8))
         else:
             if export:
-                _export_pair(Path(export) / _EXPORT_FOLDERS[split], name, Path(src) / image_rel, decoded, truth)
+                _export_pair(Path(export) / _EXPORT_FOLDERS[split], name, os.fsdecode(bytes(image_file)), decoded,
+                             truth)
             row.update(image=resize_image(decoded.pixels, size), mask=resize_mask(truth, size),
                        height=truth.shape[0], width=truth.shape[1], repair=decoded.repair)
         row["class_pixels"] = np.bincount(row["mask"].ravel(), minlength=len(CLASS_NAMES))
@@ -265,24 +272,28 @@ class _PairError(Exception):
         self.file, self.partner, self.cause = file, partner, cause
 
 
-def _load_pair(root: Path, image_rel: str, mask_rel: str, mask_values: tuple[int, ...], mask_offset: int):
-    """Decode one image (repaired to RGB) and its mask at full size, checking that they fit together."""
-    try:
-        image = decode_image((root / image_rel).read_bytes(), image_rel)
-    except DecodeError as err:
-        raise _PairError(image_rel, mask_rel, err) from None
-    try:
-        mask = decode_mask((root / mask_rel).read_bytes(), mask_values, mask_offset)
-    except DecodeError as err:
-        raise _PairError(mask_rel, image_rel, err) from None
-    if mask.shape != image.pixels.shape[:2]:
-        (mh, mw), (ih, iw) = mask.shape, image.pixels.shape[:2]
-        raise _PairError(mask_rel, image_rel,
+def _load_pair(image: tuple[str, bytes], mask: tuple[str, bytes], mask_values: tuple[int, ...], mask_offset: int,
+               draft: tuple[int, int] | None):
+    """Decode one image (repaired to RGB; a JPEG at the smallest DCT scale at least ``draft``) and its mask at full
+    size, checking that they fit together. ``image`` and ``mask`` are (name, path)."""
+    decoded = _decoded(image, mask[0], lambda data: decode_image(data, image[0], draft=draft))
+    truth = _decoded(mask, image[0], lambda data: decode_mask(data, mask_values, mask_offset))
+    if truth.shape != decoded.original_size:
+        (mh, mw), (ih, iw) = truth.shape, decoded.original_size
+        raise _PairError(mask[0], image[0],
                          DecodeError("mask size differs from image", f"mask {mw}x{mh}, image {iw}x{ih}"))
-    return image, mask
+    return decoded, truth
 
 
-def _export_pair(folder: Path, name: str, source: Path, image: DecodedImage, mask: np.ndarray) -> None:
+def _decoded(file: tuple[str, bytes], partner: str, decode):
+    """``decode`` of the bytes of ``file`` (name, path); any failure as a :class:`_PairError` naming the file."""
+    try:
+        return read_and_decode("", file[1], DEFAULT_MAX_FILE_MB * 2**20, decode)
+    except DecodeError as err:
+        raise _PairError(file[0], partner, err) from None
+
+
+def _export_pair(folder: Path, name: str, source: str, image: DecodedImage, mask: np.ndarray) -> None:
     """Write one pair in rmldnn's layout at full size: the image as it was (or as PNG once repaired), the mask
     as a single-channel PNG of class ids."""
     stem = name.rsplit(".", 1)[0]
