@@ -12,6 +12,7 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.train.torch
+from ray.data import MaterializedDataset
 
 from raypets import storage
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, weights_name
@@ -34,6 +35,7 @@ from raypets.stages.train_loop import train_loop_per_worker
 from raypets.storage import Location
 
 MEMORY_SHARE = 0.5  # --data-cache auto keeps splits in the object store up to this share of it, else streams
+STREAM_BUFFER_SHARE, STREAM_BUFFER_MAX = 0.25, 512 * 2**20  # what streamed splits may hold in the object store
 
 
 def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | None = None,
@@ -75,14 +77,16 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     if use_gpu:
         check_cuda_workers(cfg.gpus_per_worker)
     fast_reports()
+    datasets = datasets or load_datasets(cfg.data, manifest, cfg.data_cache)
+    streamed = not isinstance(datasets["train"], MaterializedDataset)
     filesystem, storage_path = storage.filesystem(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg, use_gpu)),
-        datasets=datasets or load_datasets(cfg.data, manifest, cfg.data_cache),
-        dataset_config=ExactTestSplit(),
+        datasets=datasets,
+        dataset_config=ExactTestSplit(stream_buffer_bytes(manifest) if streamed else None),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -158,10 +162,20 @@ def check_cuda_workers(per_worker: float) -> None:
 
 class ExactTestSplit(ray.train.DataConfig):
     """The training split in equal shares, as Ray Train splits it; the test split in shares that hold every image
-    exactly once (Ray's equal split may drop a few), so each worker reads only its own test share."""
+    exactly once (Ray's equal split may drop a few), so each worker reads only its own test share.
 
-    def __init__(self) -> None:
+    ``buffer_bytes``: for streamed splits, how much of the object store each may fill ahead of the workers (Ray
+    Data's default reads as far ahead as the store allows)."""
+
+    def __init__(self, buffer_bytes: float | None = None) -> None:
         super().__init__(datasets_to_split=["train", "test"])  # both made once, by rank 0, for every worker
+        self.buffer_bytes = buffer_bytes
+
+    def _resolve_execution_options(self, dataset_name: str):
+        options = super()._resolve_execution_options(dataset_name)
+        if self.buffer_bytes:
+            options.resource_limits = options.resource_limits.copy(object_store_memory=self.buffer_bytes)
+        return options
 
     def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
         rest = {name: dataset for name, dataset in datasets.items() if name != "test"}
@@ -172,6 +186,12 @@ class ExactTestSplit(ray.train.DataConfig):
             for shard, split in zip(output, test.streaming_split(world_size, equal=False), strict=True):
                 shard["test"] = split
         return output
+
+
+def stream_buffer_bytes(manifest: dict) -> float:
+    """The object store a streamed split may fill: ``STREAM_BUFFER_SHARE`` of the data, at most
+    ``STREAM_BUFFER_MAX``."""
+    return min(STREAM_BUFFER_SHARE * dataset_bytes(manifest), STREAM_BUFFER_MAX)
 
 
 def worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
