@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.train.torch
-from ray.data import MaterializedDataset
+from ray.data.dataset import MaterializedDataset
 
 from raypets import storage
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, weights_name
