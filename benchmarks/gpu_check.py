@@ -474,7 +474,7 @@ def train_figures(ran: Ran, run_dir: Path, given: list[str], missing: list[str],
     later = metrics[1:] or metrics
     first_line = ran.first(r"epoch 1/\d+ ")
     last_line = [t for t, line in ran.lines if re.search(r"epoch \d+/\d+ ", line)]
-    device = ran.first(r"worker\(s\) on (.*?), batch")
+    device = ran.first(r"worker\(s\) on (\w+)")  # CPU or GPU; the precision and options follow in brackets
     figures = {
         "images_per_s": round(statistics.median(m["images_per_s"] for m in later), 1),
         "epoch_s": round(statistics.median(m["epoch_time_s"] for m in later), 2),
