@@ -75,8 +75,9 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     manifest = read_manifest(data)
     storage.check_bucket(run_dir)
     init_ray(address)
+    datasets = load_datasets(data, manifest, sweep.trial_config(run_dir, {}).data_cache)  # the trials' own setting
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
-                                         datasets=load_datasets(data, manifest), progress=progress)
+                                         datasets=datasets, progress=progress)
     if resume:  # Tune keeps its experiment at a URI itself
         filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
