@@ -29,6 +29,7 @@ from raypets import storage
 from raypets.classes import class_names
 from raypets.errors import UserError
 from raypets.model import build_network
+from raypets.redaction import redact
 from raypets.runlog import read_metrics
 from raypets.storage import Location
 
@@ -68,7 +69,7 @@ def save_state(folder: Path, *, weights: dict, optimizer: dict, epoch: int, step
     name = weights_name(epoch)
     torch.save(weights, folder / name)
     torch.save({"optimizer": optimizer, "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
-                "config": config, "weights": name}, folder / STATE_FILE)
+                "config": redact(config), "weights": name}, folder / STATE_FILE)
     return folder / name
 
 
@@ -83,16 +84,14 @@ def resolve_checkpoint(path: Location) -> Checkpoint:
     """The checkpoint ``path`` names, in any of the forms of this module's docstring."""
     if not storage.exists(path):
         raise UserError(f"{path}: checkpoint does not exist")
+    if storage.is_file(path) and PurePosixPath(storage.filesystem(path)[1]).suffix == ".json":
+        return _from_sweep(path)
     if storage.is_uri(path):
         local = storage.cached(path)
         checkpoint = resolve_checkpoint(local)
-        if not checkpoint.weights.is_relative_to(local):  # a best.json that names a checkpoint elsewhere
-            return checkpoint
         inside = checkpoint.weights.relative_to(local).as_posix()
         return replace(checkpoint, uri=path if inside == "." else str(storage.join(path, inside)))
     path = Path(path)
-    if path.is_file() and path.suffix == ".json":
-        return _from_sweep(path)
     if path.is_file():
         match = _WEIGHTS.search(path.name)
         return Checkpoint(path, int(match.group(1)) if match else None)
@@ -130,6 +129,8 @@ def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Mod
 def checkpoint_classes(checkpoint: Checkpoint, num_classes: int) -> list[str]:
     """The classes of the training data's manifest when reachable, else raypets' own (or class_<i>)."""
     data = (checkpoint.train_config or {}).get("data")
+    if data and checkpoint.uri:  # the run's data in the checkpoint's bucket: read with the keys given for it
+        data = storage.reuse_credentials(data, checkpoint.uri)
     manifest = storage.join(storage.parse(data), "manifest.json") if data else None
     try:
         classes = storage.read_json(manifest).get("classes", []) if manifest else []
@@ -138,13 +139,14 @@ def checkpoint_classes(checkpoint: Checkpoint, num_classes: int) -> list[str]:
     return list(classes) if len(classes) == num_classes else list(class_names(num_classes))
 
 
-def _from_sweep(path: Path) -> Checkpoint:
+def _from_sweep(path: Location) -> Checkpoint:
+    """The checkpoint a best.json names, read with the keys of ``path`` when it is in the same bucket."""
     best = storage.read_json(path)
     if not isinstance(best, dict) or "checkpoint" not in best:
         raise UserError(f"{path}: not a sweep's best.json (no 'checkpoint' key)")
     if best["checkpoint"] is None:
         raise UserError(f"{path}: the best trial wrote no checkpoint")
-    return resolve_checkpoint(best["checkpoint"])
+    return resolve_checkpoint(storage.reuse_credentials(best["checkpoint"], path))
 
 
 def _from_ray_folder(folder: Path) -> Checkpoint:

@@ -12,6 +12,7 @@ from pathlib import Path
 from raypets import __version__, storage
 from raypets.data.decode import parse_size
 from raypets.errors import UserError
+from raypets.redaction import redact
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -24,7 +25,7 @@ def _size(text: str) -> tuple[int, int]:
 def _local(text: str) -> Path:
     """A path that must be local: a URI here is one clear error naming the argument."""
     if storage.is_uri(text):
-        raise argparse.ArgumentTypeError(f"{text}: takes a local path, not a URI (URIs are for prepare's OUT, "
+        raise argparse.ArgumentTypeError(f"{redact(text)}: takes a local path, not a URI (URIs are for prepare's OUT, "
                                          "--data, --run-dir, --checkpoint and predict's INPUT and OUTPUT)")
     return Path(text)
 
@@ -107,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
         ensure_shards(source[0], cfg.data, source[1], address=args.address)
     metrics = train(cfg, address=args.address)
     print(f"finished epoch {metrics['epoch']}: test mean Dice {metrics['mean_dice']:.4f}; "
-          f"checkpoint {metrics.get('model_checkpoint', 'none')}")
+          f"checkpoint {redact(metrics.get('model_checkpoint', 'none'))}")
     return 0
 
 
@@ -182,13 +183,13 @@ def _tune(args: argparse.Namespace) -> int:
     if best:
         print(f"best: trial {best['trial_id']} {best['params']}, {best['metric']} {best['value']:.4f} at epoch "
               f"{best['epoch']}; checkpoint {best['checkpoint']}")
-    print(f"wrote {storage.join(args.run_dir, 'trials.csv')}" + (f", {storage.join(args.run_dir, 'best.json')}"
-                                                                   if best else ""))
+    run_dir = redact(str(args.run_dir))
+    print(f"wrote {storage.join(run_dir, 'trials.csv')}" + (f", {storage.join(run_dir, 'best.json')}" if best else ""))
     problems = [f"trial {trial} failed: {message}" for trial, message in summary["errors"]]
     if summary["unfinished"]:
         problems.append(f"the sweep was interrupted with {len(summary['unfinished'])} trial(s) unfinished")
     if problems:
-        print("raypets: error: " + "; ".join(problems) + f"; `raypets tune --run-dir {args.run_dir} --resume` "
+        print("raypets: error: " + "; ".join(problems) + f"; `raypets tune --run-dir {run_dir} --resume` "
               "continues the sweep and retries failed trials", file=sys.stderr)
         return 1
     return 0

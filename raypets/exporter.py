@@ -16,16 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from torch import nn
 
-from raypets import storage
 from raypets.checkpoints import Checkpoint, checkpoint_classes, load_model, resolve_checkpoint
 from raypets.errors import UserError
 from raypets.model import require_image_size, to_inputs
 from raypets.outputs import check_output_folder, staged_output
+from raypets.redaction import redact
 from raypets.storage import Location
 
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -105,23 +104,12 @@ def model_info(checkpoint: Checkpoint, cfg: ExportConfig, classes: list[str]) ->
         "classes": classes,
         "size": [height, width],
         "normalize": {"mean": mean, "std": std, "inside": "(pixel / 255 - mean) / std"},
-        "checkpoint": without_secrets(checkpoint.uri or str(checkpoint.weights.resolve())),
+        "checkpoint": redact(checkpoint.uri or str(checkpoint.weights.resolve())),
         "epoch": checkpoint.epoch,
-        "training": {key: without_secrets(value) for key, value in checkpoint.train_config.items()}
-        if checkpoint.train_config else None,
+        "training": redact(checkpoint.train_config),
         "onnx_opset": OPSET if "onnx" in cfg.formats else None,
         "torch": torch.__version__,
     }
-
-
-def without_secrets(value: object) -> object:
-    """A URI without its user info and query (keys travel there: ``s3://KEY:SECRET@bucket/path?secret_key=...``);
-    anything else as it is."""
-    if not storage.is_uri(value):
-        return value
-    parts = urlsplit(value)
-    host = parts.hostname or ""
-    return urlunsplit((parts.scheme, f"{host}:{parts.port}" if parts.port else host, parts.path, "", ""))
 
 
 def write_onnx(traced: torch.jit.ScriptModule, example: torch.Tensor, path: Path, num_classes: int,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from raypets import storage
 from raypets.errors import UserError
+from raypets.redaction import redact
 from raypets.storage import Location
 
 RUN_FILE = "run.json"  # the run's settings, classes and image size: what --resume must not change
@@ -95,7 +96,7 @@ def run_settings(train: dict, manifest: dict) -> dict:
 
 
 def save_run_settings(run_dir: Location, settings: dict) -> None:
-    storage.write_text(storage.join(run_dir, RUN_FILE), json.dumps(settings, indent=2) + "\n")
+    storage.write_text(storage.join(run_dir, RUN_FILE), json.dumps(redact(settings), indent=2) + "\n")
 
 
 def check_resume(run_dir: Location, settings: dict) -> None:
@@ -104,7 +105,7 @@ def check_resume(run_dir: Location, settings: dict) -> None:
     path = storage.join(run_dir, RUN_FILE)
     if not storage.is_file(path):
         return
-    saved = storage.read_json(path)
+    saved, settings = storage.read_json(path), redact(settings)
     changed = [key for key in FIXED_ON_RESUME if saved.get(key) != settings[key]]
     if changed:
         differences = "; ".join(f"{key} {saved.get(key)} there, {settings[key]} now" for key in changed)

@@ -4,6 +4,10 @@ A location is a local ``Path`` or a URI string; every function here takes either
 ``pyarrow.fs.FileSystem.from_uri``, so endpoint and credentials are pyarrow's: the usual ``AWS_*`` variables (set
 on every node, since Ray's workers read them there) or the URI itself, e.g.
 ``s3://KEY:SECRET@bucket/run?endpoint_override=HOST:PORT&scheme=http``, which travels to the workers with it.
+
+Keys never leave the process that was given them: what raypets prints or saves of a location goes through
+:func:`redact` (``s3://***@bucket/run?...``). A redacted URI still reads: with the credentials of the URI given at
+the time of use when it names the same bucket (:func:`reuse_credentials`), else with the environment's.
 """
 
 from __future__ import annotations
@@ -21,10 +25,27 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 from raypets.errors import UserError
+from raypets.redaction import HIDDEN, redact
 
 Location = str | Path  # a str is a URI when it has a scheme (``s3://...``), else a local path
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def reuse_credentials(stored: Location, given: Location) -> Location:
+    """The URI ``stored`` (read back from a file, its keys hidden) with the keys of the URI ``given`` now, when
+    both name the same bucket and ``stored`` holds no keys of its own; ``stored`` as it is otherwise."""
+    if not (is_uri(stored) and is_uri(given)):
+        return stored
+    old, new = urlsplit(_without_hidden(stored)), urlsplit(given)
+    if old.username or not new.username or (old.scheme, old.hostname) != (new.scheme, new.hostname):
+        return stored
+    return urlunsplit(old._replace(netloc=f"{new.netloc.rpartition('@')[0]}@{old.netloc}"))
+
+
+def _without_hidden(uri: str) -> str:
+    """A redacted URI as pyarrow takes it: without the user info (the environment's credentials apply)."""
+    return uri.replace(f"://{HIDDEN}@", "://", 1)
 
 
 def is_uri(location: Location) -> bool:
@@ -56,7 +77,7 @@ def filesystem(location: Location) -> tuple[pafs.FileSystem | None, str]:
     if not is_uri(location):
         return None, str(location)
     with _errors(location):
-        return pafs.FileSystem.from_uri(location)
+        return pafs.FileSystem.from_uri(_without_hidden(location))
 
 
 def check_bucket(location: Location) -> None:
@@ -159,7 +180,7 @@ def cached(location: Location) -> Path:
     root = Path(tempfile.gettempdir(), "raypets-cache")
     root.mkdir(parents=True, exist_ok=True)
     files = _listing(location)
-    key = hashlib.sha256(json.dumps([str(location), files]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([redact(str(location)), files]).encode()).hexdigest()[:24]
     entry = root / key
     if not entry.exists():
         fill = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))

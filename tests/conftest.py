@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import free_ports
+from helpers import free_ports, wait_for_every_cpu
 
 # Fixtures that start Ray or a Ray cluster: in-process (ray_local), or a head or a launcher cluster beside it.
 RAY_FIXTURES = {"ray_local", "head", "cluster"}
@@ -30,11 +30,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _starts_ray_only_when_marked(request):
-    """Fail a test that is not marked ``ray`` but leaves Ray started in this process (it would slow the fast loop)."""
+    """Fail a test that is not marked ``ray`` but leaves Ray started in this process (it would slow the fast loop),
+    and a test after which the local Ray does not get every CPU back (a run, trial or placement group left behind
+    would make every later test wait for CPUs)."""
     before = _ray_started()
     yield
     if not before and _ray_started() and not request.node.get_closest_marker("ray"):
         pytest.fail("this test starts Ray: use the ray_local fixture, which marks it `ray`")
+    if _ray_started():
+        wait_for_every_cpu()
 
 
 def _ray_started() -> bool:

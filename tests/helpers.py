@@ -32,7 +32,11 @@ def wait_for_every_cpu(timeout_s: float = 60) -> None:
 
     deadline = time.monotonic() + timeout_s
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s} s: {ray.available_resources()}"
+        if time.monotonic() > deadline:
+            from ray.util import placement_group_table
+            held = {k: v for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+            raise AssertionError(f"CPUs still held after {timeout_s} s: {ray.available_resources()}; "
+                                 f"placement groups: {held}")
         time.sleep(0.5)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -21,20 +22,29 @@ from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
 from raypets.cli import main
 from raypets.errors import UserError
 from raypets.outputs import check_output_folder
+from raypets.redaction import redact
 from raypets.runlog import TRAIN_HEADER, RunLog, read_metrics
 from raypets.stages.prepare import PREPARED_ENTRIES
 
 BUCKET = "pets"
+KEY, SECRET = "AKIARAYPETSTESTKEY", "raypets-s3cret-do-not-leak"  # moto takes any keys
 
 
 class Bucket:
-    """A bucket of the moto server at ``endpoint``; :meth:`uri` names a key in it."""
+    """A bucket of the moto server at ``endpoint``; :meth:`uri` names a key in it, the keys in the URI."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
 
     def uri(self, key: str) -> str:
-        return f"s3://testing:testing@{BUCKET}/{key}?endpoint_override={self.endpoint}&scheme=http"
+        return f"s3://{KEY}:{SECRET}@{BUCKET}/{key}?endpoint_override={self.endpoint}&scheme=http"
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object in the bucket by its key."""
+        fs, _ = storage.filesystem(self.uri(""))
+        infos = fs.get_file_info(pafs.FileSelector(BUCKET, recursive=True))
+        return {info.path: fs.open_input_stream(info.path).read() for info in infos
+                if info.type == pafs.FileType.File}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +98,9 @@ def test_the_environment_configures_plain_uris(bucket, monkeypatch):
     assert storage.read_text(bucket.uri("env/plain.txt")) == "plain"
 
 
-def test_errors_name_the_uri(bucket):
+def test_errors_name_the_uri_without_its_keys(bucket):
     missing = bucket.uri("no/such/file.txt")
-    with pytest.raises(UserError, match=r"^s3://testing:testing@pets/no/such/file\.txt\?endpoint_override=.*: "):
+    with pytest.raises(UserError, match=r"^s3://\*\*\*@pets/no/such/file\.txt\?endpoint_override=.*: "):
         storage.read_text(missing)
     with pytest.raises(UserError, match="^nosuch://b/x: "):
         storage.exists("nosuch://b/x")
@@ -105,7 +115,7 @@ def test_an_output_uri_that_holds_something_is_refused(bucket):
     with pytest.raises(UserError, match="it also holds notes.txt, so it is left alone"):
         check_output_folder(out, "prepared dataset", ours=PREPARED_ENTRIES, overwrite=True)
     elsewhere = out.replace(f"@{BUCKET}/", "@no-such-bucket/")
-    with pytest.raises(UserError, match=f"^{re.escape(elsewhere)}: bucket no-such-bucket does not exist"):
+    with pytest.raises(UserError, match=f"^{re.escape(redact(elsewhere))}: bucket no-such-bucket does not exist"):
         check_output_folder(elsewhere, "prepared dataset", ours=PREPARED_ENTRIES)
 
 
@@ -143,56 +153,80 @@ def test_a_run_at_a_uri_resolves_to_its_best_checkpoint(bucket, tmp_path):
 
 
 def test_a_missing_data_uri_and_local_only_arguments_are_one_clear_message(bucket, tmp_path, capsys):
-    missing = bucket.uri("nothing/here")
-    assert main(["train", "--data", missing, "--run-dir", bucket.uri("nothing/run")]) == 2
+    missing = redact(bucket.uri("nothing/here"))  # what the messages show of the URI given
+    assert main(["train", "--data", bucket.uri("nothing/here"), "--run-dir", bucket.uri("nothing/run")]) == 2
     assert f"raypets: error: {missing}: prepared data folder does not exist" in capsys.readouterr().err
-    assert main(["tune", "--data", missing, "--space", "tune_configs/lr_sweep.yaml", "--run-dir", str(tmp_path)]) == 2
+    assert main(["tune", "--data", bucket.uri("nothing/here"), "--space", "tune_configs/lr_sweep.yaml",
+                 "--run-dir", str(tmp_path)]) == 2
     assert f"raypets: error: {missing}: prepared data folder does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        main(["prepare", missing, str(tmp_path / "out")])
+        main(["prepare", bucket.uri("nothing/here"), str(tmp_path / "out")])
     assert exit_.value.code == 2
     assert f"argument src: {missing}: takes a local path, not a URI" in capsys.readouterr().err
 
 
-def test_prepare_tune_and_predict_through_s3(bucket, tmp_path, ray_local, capsys):
-    """Every stage at URIs: the sweep's one trial is a ``raypets train`` run in the bucket (one trial keeps it short:
-    each costs a Train run's start)."""
+def test_every_stage_at_uris_with_keys_in_them_leaves_the_keys_nowhere(bucket, tmp_path, ray_local, capsys):
+    """prepare, tune (its one trial a ``raypets train`` run in the bucket; resumed), train, predict and evaluate at
+    URIs that carry the keys: the secret is in no console line, no local file and no object, and what was saved
+    without it (best.json, run.json, sweep.json) still reads with the keys given at the time of use."""
     raw = tmp_path / "raw"
-    shards, sweep, predicted = (bucket.uri(f"e2e/{name}") for name in ("shards", "sweep", "predicted"))
-    assert main(["synth", str(raw), "--n", "16", "--size", "64x48"]) == 0
-    assert main(["prepare", str(raw), shards, "--size", "32", "--test-fraction", "0.25", "--no-progress"]) == 0
+    shards, sweep, run, predicted = (bucket.uri(f"e2e/{name}") for name in ("shards", "sweep", "run", "predicted"))
+    printed = []
+
+    def run_ok(*argv: str, code: int = 0) -> None:
+        assert main(list(argv)) == code
+        printed.append("".join(capsys.readouterr()))
+
+    run_ok("synth", str(raw), "--n", "16", "--size", "64x48")
+    run_ok("prepare", str(raw), shards, "--size", "32", "--test-fraction", "0.25", "--no-progress")
     assert storage.entries(shards) == {"train", "test", "manifest.json"}
 
     space = tmp_path / "space.yaml"
     space.write_text("train: {epochs: 1, batch_size: 4, test_batch_size: 4, warmup_steps: 2}\n"
                      "space: {lr: {grid: [0.001]}}\n")
     tune = ["tune", "--data", shards, "--space", str(space), "--run-dir", sweep, "--no-progress"]
-    assert main(tune) == 0
+    run_ok(*tune)
     assert {"sweep.json", "tune", "trials", "trials.csv", "best.json", "mean_dice_vs_lr.png"} <= storage.entries(sweep)
     best = json.loads(storage.read_text(storage.join(sweep, "best.json")))
-    run = storage.join(sweep, "trials", best["trial_id"])
-    assert best["run_dir"] == run
+    trial = storage.join(sweep, "trials", best["trial_id"])
+    assert best["run_dir"] == redact(trial) and best["config"]["data"] == redact(shards)
     assert {"raypets_train.txt", "raypets_test.txt", "metrics.jsonl", "loss.png", "dice.png", "checkpoints",
-            RAY_RUN_NAME} <= storage.entries(run)
-    assert [m["epoch"] for m in read_metrics(run)] == [1]
-    assert storage.is_file(storage.join(run, "checkpoints", "model_checkpoint_1.pt"))
-    checkpoint = f"{run.split('?')[0]}/{RAY_RUN_NAME}/checkpoint_"
+            RAY_RUN_NAME} <= storage.entries(trial)
+    assert [m["epoch"] for m in read_metrics(trial)] == [1]
+    checkpoint = f"{redact(trial).split('?')[0]}/{RAY_RUN_NAME}/checkpoint_"
     assert best["checkpoint"].startswith(checkpoint) and best["checkpoint"].endswith("?" + sweep.split("?")[1])
-    assert best["model_checkpoint"] == str(storage.join(best["checkpoint"], "model_checkpoint_1.pt"))
-    assert f"checkpoint {checkpoint}" in capsys.readouterr().out
+    assert f"checkpoint {checkpoint}" in printed[-1]
     table = storage.read_text(storage.join(sweep, "trials.csv"))
-    assert main(tune) == 2
-    assert f"{sweep}: holds a sweep already; pass --resume" in capsys.readouterr().err
-    assert main(["tune", "--run-dir", sweep, "--resume", "--no-progress"]) == 0  # Tune's experiment read back
+    run_ok(*tune, code=2)
+    assert f"{redact(sweep)}: holds a sweep already; pass --resume" in printed[-1]
+    run_ok("tune", "--run-dir", sweep, "--resume", "--no-progress")  # Tune's experiment and sweep.json read back
     assert storage.read_text(storage.join(sweep, "trials.csv")) == table
 
-    best_json = storage.join(sweep, "best.json")
-    assert main(["predict", "--checkpoint", best_json, str(raw / "images"), predicted, "--size", "32", "--cpu",
-                 "--workers", "1", "--no-progress"]) == 0
+    run_ok("train", "--data", shards, "--run-dir", run, "--epochs", "1", "--workers", "1", "--batch-size", "4",
+           "--test-batch-size", "4", "--warmup-steps", "2", "--no-progress")
+    assert json.loads(storage.read_text(storage.join(run, "run.json")))["train"]["run_dir"] == redact(run)
+
+    best_json = storage.join(sweep, "best.json")  # names its checkpoint without keys: read with best.json's
+    predict = ["predict", "--checkpoint", best_json, str(raw / "images"), predicted, "--size", "32", "--cpu",
+               "--workers", "1", "--no-progress"]
+    run_ok(*predict)
     assert storage.entries(predicted) == {"output_1.h5", "predictions.h5", "errors.csv"}
-    local = storage.cached(predicted)
-    with h5py.File(local / "predictions.h5") as h5:
+    with h5py.File(storage.cached(predicted) / "predictions.h5") as h5:
         assert len(h5) == 16 and h5["Abyssinian_1.jpg"].shape == (3, 32, 32)
         assert h5.attrs["checkpoint"].startswith(checkpoint)
-    assert main(["predict", "--checkpoint", best_json, str(raw / "images"), predicted, "--size", "32"]) == 2
-    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    run_ok(*predict, code=2)
+    assert "exists and is not empty; pass --overwrite" in printed[-1]
+
+    run_ok("evaluate", "--checkpoint", run, "--data", shards, "--out", str(tmp_path / "evaluate.json"), "--cpu")
+    assert json.loads((tmp_path / "evaluate.json").read_text())["data"] == redact(shards)
+
+    assert KEY in shards and not [text for text in printed if SECRET in text or KEY in text]
+    local = [p for root in (tmp_path, Path(tempfile.gettempdir(), "raypets-cache")) for p in root.rglob("*")]
+    assert not [str(p) for p in local if p.is_file() and holds_secret(p.read_bytes())]
+    objects = bucket.objects()  # Tune's experiment state and tuner.pkl among them: pickles, kept as bytes or hex
+    assert len(objects) > 20
+    assert not [key for key, data in objects.items() if holds_secret(data)]
+
+
+def holds_secret(data: bytes) -> bool:
+    return SECRET.encode() in data or SECRET.encode().hex().encode() in data

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray.tune
 import torch
-from helpers import prepared_shards, wait_for_every_cpu
+from helpers import prepared_shards
 
 from raypets.checkpoints import STATE_FILE, load_model, resolve_checkpoint
 from raypets.cli import main
@@ -51,13 +51,6 @@ def checkpoint_epochs(trial_dir: Path) -> list[int]:
     return sorted(torch.load(p, weights_only=True)["epoch"] for p in states)
 
 
-@pytest.fixture
-def cpus_given_back(ray_local):
-    """After the test, every CPU is free again: the trials Tune stopped, interrupted or saw fail left none held."""
-    yield
-    wait_for_every_cpu()
-
-
 class InterruptAt(ray.tune.Callback):
     """Ctrl+C for real (SIGINT to the sweep's process) when the trial with learning rate ``lr`` reports ``epoch``."""
 
@@ -70,7 +63,7 @@ class InterruptAt(ray.tune.Callback):
 
 
 def test_asha_sweep_interrupted_and_resumed_ranks_trials_and_points_to_the_best_checkpoint(
-        shards, tmp_path, capsys, cpus_given_back):
+        shards, tmp_path, capsys):
     # Deterministic (seed 0, one worker, one trial at a time): 1e-6 barely moves and, alone at its rungs, runs to
     # the end; 0.1 collapses to background and ASHA stops it after epoch 1; 3e-3 learns and is interrupted there.
     space = write(tmp_path / "lr.yaml", f"""
@@ -130,7 +123,7 @@ def plain_mean_dice(model: torch.nn.Module, shards: Path) -> float:
     return matrix.compute()["mean_dice"]
 
 
-def test_a_failed_trial_is_reported_and_retried_on_resume(shards, tmp_path, capsys, cpus_given_back):
+def test_a_failed_trial_is_reported_and_retried_on_resume(shards, tmp_path, capsys):
     network = write(tmp_path / "net.json", "{not json")  # a broken network file: the trial fails as it starts
     space = write(tmp_path / "one.yaml", f"""
 train: {{epochs: 1, network: {network}, {FAST}}}

@@ -21,6 +21,7 @@ from raypets.metrics import ConfusionMatrix, format_metric
 from raypets.model import require_image_size
 from raypets.outputs import check_output_file
 from raypets.precision import PRECISIONS, resolve_precision
+from raypets.redaction import redact
 from raypets.stages.runtime import cpu_share, init_ray, use_gpus
 from raypets.stages.shards import open_split, read_manifest
 from raypets.storage import Location
@@ -77,7 +78,7 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
     for batch in matrices.iter_batches(batch_size=None, batch_format="numpy"):
         total.matrix += torch.from_numpy(batch["matrix"].sum(0).reshape(len(classes), len(classes)))
     result = total.compute()
-    return {"checkpoint": resolved.uri or str(resolved.weights), "data": str(data), "split": split,
+    return {"checkpoint": redact(resolved.uri or str(resolved.weights)), "data": redact(str(data)), "split": split,
             "images": result["total_pixels"] // (size["height"] * size["width"]), **result}
 
 

@@ -42,6 +42,7 @@ from raypets.inference import ModelRunner, full_size_mask
 from raypets.model import require_image_size
 from raypets.outputs import check_output_folder, staged_output
 from raypets.precision import PRECISIONS, resolve_precision
+from raypets.redaction import redact
 from raypets.stages.hdf5 import HDF5Sink
 from raypets.stages.prediction_sinks import ParquetSink, PngSink, PredictionSink, put_bytes
 from raypets.stages.runtime import cpu_share, data_context, init_ray, use_gpus
@@ -190,7 +191,7 @@ def describe_predictions(summary: dict) -> str:
         lines.append(f"  repaired {summary['repaired']} image(s) (listed in {REPAIRS_FILE})")
     if summary["ignored"]:
         lines.append(f"  ignored {summary['ignored']} hidden or non-image file(s)")
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def default_workers(device: str) -> int:
@@ -218,7 +219,7 @@ def _sink(cfg: PredictConfig, out: Location, classes: list[str], checkpoint: Che
     if cfg.format == "png":
         return PngSink(out, **{**common, "rows_per_file": None})
     attrs = {"class_names": list(classes), "network_size": list(cfg.size), "precision": cfg.hdf5_precision,
-             "autocast": cfg.precision, "checkpoint": checkpoint.uri or str(checkpoint.weights.resolve())}
+             "autocast": cfg.precision, "checkpoint": redact(checkpoint.uri or str(checkpoint.weights.resolve()))}
     return HDF5Sink(out, attrs, **common)
 
 

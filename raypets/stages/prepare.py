@@ -35,6 +35,7 @@ from raypets.data.layouts import Discovery, Pair, Skip, discover, official_split
 from raypets.data.sources import DEFAULT_MAX_FILE_MB, display_name, read_and_decode
 from raypets.errors import UserError
 from raypets.outputs import check_output_folder, staged_output
+from raypets.redaction import redact
 from raypets.stages.runtime import data_context, init_ray
 from raypets.stages.shards import read_manifest
 from raypets.storage import Location
@@ -362,4 +363,4 @@ def describe_manifest(manifest: dict, out: Location) -> str:
     lines += [f"  skipped {n}: {reason}" for reason, n in manifest["skip_reasons"].items()]
     if manifest["repaired"]:
         lines.append(f"  repaired {len(manifest['repaired'])} image(s) to RGB (listed in manifest.json)")
-    return "\n".join(lines)
+    return redact("\n".join(lines))

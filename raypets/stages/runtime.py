@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pyarrow.fs as pafs
 import ray
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized, _internal_kv_put
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+from raypets import storage
 from raypets.errors import UserError
+from raypets.redaction import redact
+from raypets.storage import Location
 
+logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"  # see fast_reports
 # Ray Data logs an execution plan and a "finished" line for every pass over a dataset, from every Train worker and
@@ -106,3 +116,66 @@ def fast_reports() -> None:
 def object_store_bytes() -> float:
     """The cluster's object store capacity."""
     return ray.cluster_resources().get("object_store_memory", 0.0)
+
+
+def run_storage(location: Location) -> tuple[pafs.FileSystem | None, str]:
+    """:func:`raypets.storage.filesystem` for Ray Train's and Tune's ``storage_filesystem``, which Tune saves with
+    its experiment (``tuner.pkl``, each trial's state): keys in the URI stay out of what is saved."""
+    fs, path = storage.filesystem(location)
+    if isinstance(fs, pafs.S3FileSystem) and redact(location) != location:
+        fs = KeysInCluster(location)
+    return fs, path
+
+
+KEYS_NAMESPACE = "raypets-keys"  # of the cluster's key-value store
+
+
+class KeysInCluster(pafs.S3FileSystem):
+    """The S3 filesystem of a URI with keys, pickled without them: the keys wait in the Ray cluster's key-value
+    store under a random token, where the cluster's processes read them back. Unpickled where the token is
+    unknown (a sweep restored in another cluster), it reads with the environment's credentials."""
+
+    def __init__(self, uri: str, token: str | None = None) -> None:
+        fs, _ = storage.filesystem(uri)
+        super().__init__(**fs.__reduce__()[1][0])
+        self.uri, self.token = uri, token or secrets.token_hex(16)
+
+    def __reduce__(self):
+        if _internal_kv_initialized():
+            _internal_kv_put(self.token, self.uri, overwrite=False, namespace=KEYS_NAMESPACE)
+        return _keys_from_cluster, (redact(self.uri), self.token)
+
+
+def _keys_from_cluster(uri: str, token: str) -> pafs.FileSystem:
+    keyed = _internal_kv_get(token, namespace=KEYS_NAMESPACE) if _internal_kv_initialized() else None
+    return KeysInCluster(keyed.decode(), token) if keyed else storage.filesystem(uri)[0]
+
+
+@contextmanager
+def released_when_done(grace_s: float = 10.0) -> Iterator[None]:
+    """Around a training run or a sweep started by this driver: the placement groups it reserved are free once it
+    has ended, so this process's next run finds its CPUs. Ray removes them itself, but a run whose controller was
+    killed (a Tune trial stopped or interrupted, Ctrl+C) waits for Ray Train's cleaner, which can miss it
+    (ray-project/ray#54305): what is still reserved after ``grace_s`` is removed here. A no-op inside a Ray
+    worker (a trial's run: the sweep's driver does it)."""
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is not None:
+        yield
+        return
+    before = _reserved(context.get_job_id())
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + grace_s
+        while (left := _reserved(context.get_job_id()) - before) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for group in left:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
+        if left:
+            logger.warning("removed %d placement group(s) the run left reserved", len(left))
+
+
+def _reserved(job_id: str) -> set[str]:
+    """The placement groups of the job ``job_id`` (a group's id ends with its job's) that are not removed."""
+    return {group for group, info in placement_group_table().items()
+            if group.endswith(job_id) and info["state"] != "REMOVED"}

@@ -21,6 +21,7 @@ from raypets.errors import UserError
 from raypets.model import build_network, count_parameters, require_image_size
 from raypets.plots import plot_curves
 from raypets.precision import require_cuda
+from raypets.redaction import redact
 from raypets.runlog import check_resume, read_metrics, run_outputs, run_settings, save_run_settings
 from raypets.stages.runtime import (
     cpu_share,
@@ -28,6 +29,8 @@ from raypets.stages.runtime import (
     fast_reports,
     init_ray,
     object_store_bytes,
+    released_when_done,
+    run_storage,
     use_gpus,
 )
 from raypets.stages.shards import open_split, read_manifest
@@ -79,7 +82,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     fast_reports()
     datasets = datasets or load_datasets(cfg.data, manifest, cfg.data_cache)
     streamed = not isinstance(datasets["train"], MaterializedDataset)
-    filesystem, storage_path = storage.filesystem(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
+    filesystem, storage_path = run_storage(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
@@ -96,7 +99,8 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     )
     print(header(cfg, manifest, use_gpu), flush=True)
     save_run_settings(cfg.run_dir, settings)
-    result = trainer.fit()
+    with released_when_done():
+        result = trainer.fit()
     with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in the run folder (or at its URI)
         for plot in plot_curves(read_metrics(cfg.run_dir), Path(folder)):
             storage.upload(plot, storage.join(cfg.run_dir, plot.name))
@@ -114,7 +118,7 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     counts = manifest["counts"]
     size = manifest["image_size"]
     name = "XceptionUNet" if cfg.network is None else f"{cfg.network.name} (Keras JSON)"
-    return "\n".join([
+    return redact("\n".join([
         f"raypets train: {name}, {count_parameters(model):,} trainable parameters",
         f"  optimizer {cfg.optimizer} lr {cfg.lr:g} (warm-up {cfg.warmup_steps} steps"
         f"{', schedule ' + cfg.lr_scheduler['type'] if cfg.lr_scheduler else ''}), BN momentum {cfg.bn_momentum:g}",
@@ -126,7 +130,7 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
         f"{', SyncBatchNorm' if cfg.sync_bn else ''}{', torch.compile' if cfg.compile else ''}), batch "
         f"{cfg.batch_size} = {cfg.batch_size // cfg.workers} per worker, test batch {cfg.test_batch_size}",
         f"  run folder {cfg.run_dir}",
-    ])
+    ]))
 
 
 def load_datasets(data: Location, manifest: dict, cache: str = "auto") -> dict:

@@ -27,7 +27,8 @@ from raypets import storage
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, resolve_checkpoint
 from raypets.errors import UserError
 from raypets.plots import plot_metric_vs_lr
-from raypets.stages.runtime import init_ray, set_progress_bars, use_gpus
+from raypets.redaction import redact
+from raypets.stages.runtime import init_ray, released_when_done, run_storage, set_progress_bars, use_gpus
 from raypets.stages.shards import read_manifest
 from raypets.stages.train import load_datasets, train, worker_resources
 from raypets.storage import Location
@@ -79,14 +80,15 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
                                          datasets=datasets, progress=progress)
     if resume:  # Tune keeps its experiment at a URI itself
-        filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
+        filesystem, experiment = run_storage(storage.join(run_dir, EXPERIMENT))
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
                                        storage_filesystem=filesystem)
     else:
-        filesystem, storage_path = storage.filesystem(run_dir)
+        filesystem, storage_path = run_storage(run_dir)
         concurrent = max_concurrent or default_concurrency(sweep)
-        storage.write_text(storage.join(run_dir, SWEEP_FILE), json.dumps(sweep.to_dict(), indent=2) + "\n")
-        print(f"raypets tune: {describe(sweep)}; up to {concurrent} trial(s) at once; results in {run_dir}", flush=True)
+        storage.write_text(storage.join(run_dir, SWEEP_FILE), json.dumps(redact(sweep.to_dict()), indent=2) + "\n")
+        print(f"raypets tune: {describe(sweep)}; up to {concurrent} trial(s) at once; results in {redact(run_dir)}",
+              flush=True)
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space(sweep),
             tune_config=ray.tune.TuneConfig(
@@ -97,7 +99,9 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
                                           callbacks=callbacks,
                                           failure_config=ray.tune.FailureConfig(max_failures=0)),
         )
-    return summarize(tuner.fit(), sweep, run_dir)
+    with released_when_done():
+        results = tuner.fit()
+    return summarize(results, sweep, run_dir)
 
 
 def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
@@ -112,18 +116,22 @@ def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
     if not storage.is_file(saved) or not ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} and {EXPERIMENT}/ there)")
     before = storage.read_json(saved)
-    changed = sorted(key for key, value in json.loads(json.dumps(sweep.to_dict())).items() if before.get(key) != value)
+    now = json.loads(json.dumps(redact(sweep.to_dict())))
+    changed = sorted(key for key, value in now.items() if before.get(key) != value)
     if changed:
         raise UserError(f"{run_dir}: --resume continues the sweep saved in {saved}; this one differs in "
                         f"{', '.join(changed)} (start it in another --run-dir)")
 
 
 def saved_sweep(run_dir: Location) -> Sweep:
-    """The sweep ``raypets tune`` started in ``run_dir``."""
+    """The sweep ``raypets tune`` started in ``run_dir`` (its data read with ``run_dir``'s keys, when it has some
+    and the data is in the same bucket: sweep.json holds no keys)."""
     saved = storage.join(run_dir, SWEEP_FILE)
     if not storage.is_file(saved):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} there)")
-    return Sweep(**storage.read_json(saved))
+    sweep = storage.read_json(saved)
+    train = {**sweep["train"], "data": storage.reuse_credentials(sweep["train"]["data"], run_dir)}
+    return Sweep(**{**sweep, "train": train})
 
 
 def param_space(sweep: Sweep) -> dict:
@@ -192,7 +200,7 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(redact(rows))
     storage.write_text(storage.join(run_dir, "trials.csv"), table.getvalue())
     scored = [r for r in rows if not math.isnan(r[sweep.metric])]
     if scored:
@@ -200,8 +208,9 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
             plot = plot_metric_vs_lr([(r["lr"], r[sweep.metric], r["stopped_early"]) for r in scored], sweep.metric,
                                      Path(folder, f"{sweep.metric}_vs_lr.png"))
             storage.upload(plot, storage.join(run_dir, plot.name))
-    return {"rows": rows, "best": _write_best(scored[0], sweep, run_dir) if scored else None,
-            "table": format_trials(rows, columns[:-1]),
+    best = _write_best(scored[0], sweep, run_dir) if scored else None
+    rows = redact(rows)
+    return {"rows": rows, "best": best, "table": format_trials(rows, columns[:-1]),
             "errors": [(r["trial_id"], r["error"]) for r in rows if r["status"] == "error"],
             "unfinished": [r["trial_id"] for r in rows if r["status"] == "unfinished"]}
 
@@ -241,7 +250,7 @@ def _missing(value) -> bool:
 
 
 def _write_best(row: dict, sweep: Sweep, run_dir: Location) -> dict:
-    """best.json: the best trial, its full TrainConfig, and its checkpoint with the best metric."""
+    """best.json (what it returns): the best trial, its full TrainConfig, its checkpoint with the best metric."""
     trial_dir = storage.join(run_dir, TRIALS, row["trial_id"])
     checkpoint = resolve_checkpoint(row["checkpoint"]) if row["checkpoint"] else None
     best = {"metric": sweep.metric, "mode": sweep.mode, "value": row[sweep.metric], "trial_id": row["trial_id"],
@@ -250,6 +259,7 @@ def _write_best(row: dict, sweep: Sweep, run_dir: Location) -> dict:
             "checkpoint_epoch": checkpoint.epoch if checkpoint else None,
             "model_checkpoint": (checkpoint.uri or str(checkpoint.weights)) if checkpoint else None,
             "run_dir": str(trial_dir)}
+    best = redact(best)
     storage.write_text(storage.join(run_dir, "best.json"), json.dumps(best, indent=2) + "\n")
     return best
 
