@@ -29,14 +29,13 @@ def wait_for_every_cpu(timeout_s: float = 60) -> None:
     """Wait until the local cluster has every CPU free again (Ray gives a finished, stopped or killed run's CPUs
     back a moment later); fail, naming what is still held, after ``timeout_s``."""
     import ray
+    from ray.util import placement_group_table
 
     deadline = time.monotonic() + timeout_s
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        if time.monotonic() > deadline:
-            from ray.util import placement_group_table
-            held = {k: v for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
-            raise AssertionError(f"CPUs still held after {timeout_s} s: {ray.available_resources()}; "
-                                 f"placement groups: {held}")
+        groups = {group: info["bundles"] for group, info in placement_group_table().items()
+                  if info["state"] != "REMOVED"}
+        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s} s; placement groups: {groups}"
         time.sleep(0.5)
 
 
