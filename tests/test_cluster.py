@@ -4,6 +4,7 @@ submitted with ``ray job submit --working-dir .`` to a head node started on loop
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -42,9 +43,32 @@ def test_cluster_yaml_passes_the_launchers_schema_and_has_4_gpu_workers():
     workers = {name: spec for name, spec in prepared["available_node_types"].items() if name != head}
     assert workers and all(spec["node_config"]["InstanceType"] in FOUR_GPU_TYPES for spec in workers.values())
     assert prepared["available_node_types"][head]["resources"] == {"CPU": 0}  # drivers only on the head
-    assert prepared["file_mounts"] == {"/home/ubuntu/raypets": "."}
+    assert prepared["file_mounts"]["/home/ubuntu/raypets"] == "."
     assert any("-e /home/ubuntu/raypets" in command for command in prepared["setup_commands"])
     assert "ray stop" in prepared["head_start_ray_commands"][0]
+
+
+def test_cluster_yaml_needs_the_token_everywhere_and_gives_each_node_type_its_own_least_privilege():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    starts = [config["head_start_ray_commands"][-1], config["worker_start_ray_commands"][-1]]
+    assert all("RAY_AUTH_MODE=token ray start" in command for command in starts)
+    assert "--dashboard-host=127.0.0.1" in starts[0] and "0.0.0.0" not in (REPO / "cluster.yaml").read_text()
+    assert any("RAY_AUTH_MODE=token" in command and "/etc/environment" in command
+               for command in config["setup_commands"])  # the drivers on the nodes too
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"  # the launcher's own
+    assert "auth_token" in (REPO / ".gitignore").read_text().splitlines()
+
+    profiles = {name: spec["node_config"]["IamInstanceProfile"]["Arn"].rpartition("/")[2]
+                for name, spec in config["available_node_types"].items()}
+    assert len(set(profiles.values())) == len(profiles)  # each node type its own
+    policies = {name: json.loads((REPO / "deploy" / "iam" / f"{profile}-policy.json").read_text())["Statement"]
+                for name, profile in profiles.items()}
+    for statements in policies.values():
+        s3 = [s for s in statements if any(a.startswith("s3:") for a in s["Action"])]
+        assert all(s["Resource"].startswith("arn:aws:s3:::YOUR-DATA-BUCKET") for s in s3)  # that bucket only
+        assert not [a for s in statements for a in s["Action"] if a.endswith("*")]  # no wildcard actions
+    worker = policies["gpu_4x"]
+    assert {a.split(":")[0] for s in worker for a in s["Action"]} == {"s3"}  # a worker touches the bucket alone
 
 
 def test_the_schema_check_catches_a_broken_cluster_yaml():

@@ -8,9 +8,13 @@ passwd file of the test's (nss_wrapper): the login user with the temp HOME, and 
 user Debian's package would add; run as root it also needs the empty folder ``/run/sshd``, made if missing.
 
 Everything the cluster writes lies in one temp folder: the remote session's HOME (``~/raypets``,
-``~/ray_bootstrap_config.yaml``, no ``~/.ray/auth_token``), the head's ``--temp-dir`` (also where ``ray.init()`` in a
+``~/ray_bootstrap_config.yaml``, ``~/.ray/auth_token``), the head's ``--temp-dir`` (also where ``ray.init()`` in a
 submitted script finds the head, via ``RAY_TMPDIR``) and the launcher's state files; the head has its own ports.
 Only ssh's ControlMaster sockets go to ``/tmp/ray_ssh_*`` (a path Ray fixes), removed afterwards.
+
+Token authentication is on as ``cluster.yaml`` sets it: the launcher's side makes the token
+(``ray get-auth-token --generate`` in its HOME), ``file_mounts`` copies it to the node's ``~/.ray/auth_token``, the
+head starts with ``RAY_AUTH_MODE=token`` and the node's shells export it (``/etc/environment`` on a real node).
 
 ``ray down`` runs ``ray stop`` on the head over ssh, which would stop every Ray on this machine (other tests', other
 people's). The remote session's PATH starts with a ``ray`` wrapper that passes every command to the venv's ``ray``
@@ -44,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TOOLS = Path(os.environ.get("RAYPETS_SSH_TOOLS") or REPO / ".ci" / "cache" / "ssh-tools")
 STEP_TIMEOUT_S = 120
+AUTH = "RAY_AUTH_MODE=token"  # as cluster.yaml starts every node and every driver there
 
 # Stops the processes whose command line names the head's temp dir: SIGTERM, then SIGKILL after 5 s.
 STOP_HEAD = """\
@@ -122,8 +127,8 @@ def cluster():
         f"PermitRootLogin prohibit-password\nSetEnv PATH={remote_path} RAY_TMPDIR={temp}\nLogLevel ERROR\n")
     # Ray's commands run in `bash --login -i`, whose /etc/profile resets PATH; then ~/.bashrc sets it again.
     # PYTHONPATH: the submitted pipelines import the copy of the repository that `ray up` synced.
-    (home / ".bashrc").write_text(f"export PATH={remote_path} RAY_TMPDIR={temp} PYTHONPATH={home / 'raypets'}\n"
-                                  "unset RAY_ADDRESS\n")
+    (home / ".bashrc").write_text(f"export PATH={remote_path} RAY_TMPDIR={temp} PYTHONPATH={home / 'raypets'} "
+                                  f"{AUTH}\nunset RAY_ADDRESS\n")
     (shim / "stop_head.py").write_text(STOP_HEAD.format(mark=str(temp / "ray")))
     (shim / "ray").write_text(f'#!/bin/sh\necho "$*" >> {temp / "ray-calls.log"}\n'
                               f'[ "$1" = stop ] && exec {sys.executable} {shim / "stop_head.py"}\n'
@@ -142,14 +147,15 @@ def cluster():
         },
         # What the pipelines import, synced as cluster.yaml syncs the working tree, without what git ignores. Not
         # the whole tree: `ray up` reads every file under a mount to hash it, and .venv is gigabytes.
-        "file_mounts": {str(home / "raypets" / name): str(REPO / name) for name in ("raypets", "pipelines")},
+        "file_mounts": {**{str(home / "raypets" / name): str(REPO / name) for name in ("raypets", "pipelines")},
+                        str(home / ".ray" / "auth_token"): "~/.ray/auth_token"},  # the launcher's, as cluster.yaml
         "rsync_exclude": ["**/__pycache__"],
         "rsync_filter": [".gitignore"],
         "setup_commands": [],
         # No `ray stop` first (it would stop every Ray on the machine); own temp dir, ports and 2 CPUs; no dashboard
         # (`ray submit` does not use it, and its dozen processes slow the start on a small machine).
         "head_start_ray_commands": [
-            f"ray start --head --port={gcs} --num-cpus=2 --node-ip-address=127.0.0.1 --temp-dir={temp / 'ray'} "
+            f"{AUTH} ray start --head --port={gcs} --num-cpus=2 --node-ip-address=127.0.0.1 --temp-dir={temp / 'ray'} "
             "--autoscaling-config=~/ray_bootstrap_config.yaml --include-dashboard=false "
             f"--ray-client-server-port={client} --dashboard-agent-listen-port={agent} "
             f"--dashboard-agent-grpc-port={agent_grpc} --metrics-export-port={metrics} --disable-usage-stats"],
@@ -160,6 +166,7 @@ def cluster():
     # The launcher's side: its state files in the temp folder too, no ~/.ray of the user's, rsync on the PATH.
     env.update(HOME=str(local_home), TMPDIR=str(local_home / "tmp"), RAY_TMPDIR=str(temp),
                PATH=f"{VENV_BIN}:{tools / 'bin'}:{env['PATH']}")
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
 
     def ray(*args: str) -> subprocess.CompletedProcess:
         """The ``ray`` CLI against this config; fails with its output unless it exits 0."""
@@ -169,7 +176,8 @@ def cluster():
         assert done.returncode == 0, f"ray {' '.join(args)}:\n{done.stdout}\n{done.stderr}\nsshd: {sshd_log}"
         return done
 
-    yield {"ray": ray, "config": str(temp / "cluster.yaml"), "temp": temp, "home": home, "address": f"127.0.0.1:{gcs}"}
+    yield {"ray": ray, "config": str(temp / "cluster.yaml"), "temp": temp, "home": home, "address": f"127.0.0.1:{gcs}",
+           "env": env}
     for pid in _processes_naming(str(temp)):  # after a failure: this head's processes, ssh masters, sshds
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -192,6 +200,12 @@ def test_ray_up_submit_and_down_run_prepare_on_a_local_provider_cluster_over_ssh
     assert not list(synced.rglob("__pycache__")) and not list(synced.rglob("*.egg-info"))
     sessions = list((temp / "ray").glob("session_2*"))
     assert len(sessions) == 1, sessions  # the head, in its own temp dir
+    status = ["ray", "status", "--address", cluster["address"]]
+    run = {"cwd": REPO, "capture_output": True, "text": True, "timeout": STEP_TIMEOUT_S}
+    assert subprocess.run(status, env={**cluster["env"], "RAY_AUTH_MODE": "token"}, **run).returncode == 0
+    refused = subprocess.run(status, env={**cluster["env"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "guess"},
+                             **run)  # the launcher's token opens the head; another does not
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower(), refused
 
     done = ray("exec", config, "python -c 'import raypets; print(raypets.__file__)'")
     assert str(synced / "raypets" / "__init__.py") in done.stdout  # the head runs the synced copy

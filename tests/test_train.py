@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-import ray.exceptions
-import ray.train
 import torch
 from helpers import prepared_shards, wait_for_every_cpu
+from ray.train.v2._internal.execution.callback import ReportCallback, WorkerGroupCallback
 
 from raypets.cli import main
 from raypets.config import TrainConfig
@@ -83,55 +85,68 @@ def test_training_learns_checkpoints_and_logs(shards, tmp_path, monkeypatch):
         train(TrainConfig(data=shards, run_dir=run, epochs=4, **FAST))
 
 
-class KillAtEpoch(ray.train.UserCallback):
-    """Kills a real process after the report of ``epoch``: a training worker, or the whole run's controller."""
+class KillWorkerAtEpoch(WorkerGroupCallback, ReportCallback):
+    """After the report of ``epoch``, SIGKILLs one of this run's training workers, by the PID Ray started it with
+    (never another run's); writes each worker group's PIDs and the killed one to the JSON-lines file ``record``."""
 
-    def __init__(self, epoch: int, target: str) -> None:
-        self.epoch, self.target, self.done = epoch, target, False
+    def __init__(self, epoch: int, record: Path) -> None:
+        self.epoch, self.record, self.pids, self.done = epoch, record, [], False
 
-    def after_report(self, run_context, metrics, checkpoint) -> None:
+    def after_worker_group_start(self, worker_group) -> None:
+        self.pids = [worker.metadata.pid for worker in worker_group.get_workers()]
+        self._write({"group": self.pids})
+
+    def after_report(self, training_report, metrics) -> None:
         if self.done or metrics[0]["epoch"] != self.epoch:
             return
         self.done = True
-        if self.target == "controller":
-            os.kill(os.getpid(), signal.SIGKILL)
-        procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
-        workers = [p for p in procs if _title(p).startswith("ray::RayTrainWorker")]
-        os.kill(int(workers[0].name), signal.SIGKILL)
+        self._write({"killed": self.pids[-1]})
+        os.kill(self.pids[-1], signal.SIGKILL)
+
+    def _write(self, event: dict) -> None:
+        with self.record.open("a") as f:
+            f.write(json.dumps(event) + "\n")
 
 
-def _title(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def test_resume_after_the_run_is_killed(shards, tmp_path):
+def test_resume_after_raypets_train_is_killed(shards, tmp_path, ray_local):
+    """SIGKILL of a real ``raypets train`` joined to this Ray (as on a cluster), then ``--resume``: the run goes on
+    from its last checkpoint, with that checkpoint's weights, and the epochs before it are not trained again."""
     run = tmp_path / "run"
-    cfg = TrainConfig(data=shards, run_dir=run, epochs=6, checkpoint_every=2, max_failures=0, **FAST)
-    with pytest.raises(ray.exceptions.ActorDiedError):  # the driver sees the run's controller process die
-        train(cfg, callbacks=[KillAtEpoch(3, "controller")])
-    logged = [m["epoch"] for m in read_metrics(run)]
-    assert logged[:3] == [1, 2, 3] and logged[-1] < 6  # the workers die an epoch or so later
-    wait_for_every_cpu()  # Ray gives the dead run's CPUs back: the next run does not wait for them forever
-    assert main(["train", "--data", str(shards), "--run-dir", str(run), "--epochs", "6", "--checkpoint-every",
-                 "2", "--workers", "2", "--batch-size", "8", "--test-batch-size", "8", "--warmup-steps", "10",
-                 "--resume", "--no-progress"]) == 0
-    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    args = ["train", "--data", str(shards), "--run-dir", str(run), "--checkpoint-every", "2", "--workers", "2",
+            "--batch-size", "8", "--test-batch-size", "8", "--warmup-steps", "10", "--no-progress"]
+    driver = subprocess.Popen([sys.executable, "-m", "raypets.cli", *args, "--epochs", "8", "--address",
+                               ray_local.get_runtime_context().gcs_address], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while len(logged := read_metrics(run) if (run / "metrics.jsonl").exists() else []) < 3:  # epoch 2 checkpointed
+        assert driver.poll() is None and time.monotonic() < deadline, f"the run ended or hung: {logged}"
+        time.sleep(0.2)
+    driver.kill()
+    driver.wait()
+    before = (run / "metrics.jsonl").read_text().splitlines()
+    wait_for_every_cpu()  # the dead driver's run gives its CPUs back: the next run does not wait for them forever
+
+    # A learning rate too small to move a float32 weight: the weights epoch 4 saves are those epoch 3 started from.
+    assert main([*args, "--epochs", "4", "--lr", "1e-30", "--resume"]) == 0
+    after = (run / "metrics.jsonl").read_text().splitlines()
+    assert after[:2] == before[:2] and [json.loads(line)["epoch"] for line in after] == [1, 2, 3, 4]
+    started, ended = (torch.load(run / "checkpoints" / f"model_checkpoint_{e}.pt", weights_only=True) for e in (2, 4))
+    for name, _ in XceptionUNet().named_parameters():  # BatchNorm's running statistics move without the optimizer
+        torch.testing.assert_close(ended[name], started[name], rtol=0, atol=1e-20)
     test_log = (run / "raypets_test.txt").read_text().splitlines()[1:]
-    assert [line.split()[0] for line in test_log] == ["1", "2", "3", "4", "5", "6"]
+    assert [line.split()[0] for line in test_log] == ["1", "2", "3", "4"]
     train_epochs = [int(line.split()[0]) for line in (run / "raypets_train.txt").read_text().splitlines()[1:]]
-    assert train_epochs == sorted(train_epochs) and train_epochs[-1] == 6
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "model_checkpoint_2.pt", "model_checkpoint_4.pt", "model_checkpoint_6.pt"]
+    assert train_epochs == sorted(train_epochs) and train_epochs[-1] == 4
 
 
 def test_a_killed_worker_is_recovered_from_the_last_checkpoint(shards, tmp_path):
-    run = tmp_path / "run"
+    run, record = tmp_path / "run", tmp_path / "pids.jsonl"
     cfg = TrainConfig(data=shards, run_dir=run, epochs=3, checkpoint_every=1, max_failures=1, data_cache="stream",
                       **FAST)  # the shards read each epoch, and again by the restarted workers
-    final = train(cfg, callbacks=[KillAtEpoch(2, "worker")])
+    final = train(cfg, callbacks=[KillWorkerAtEpoch(2, record)])
+    events = [json.loads(line) for line in record.read_text().splitlines()]
+    groups, (killed,) = [e["group"] for e in events if "group" in e], [e["killed"] for e in events if "killed" in e]
+    assert len(groups) == 2 and killed in groups[0] and killed not in groups[1]  # this run's worker, replaced
+    assert not Path(f"/proc/{killed}").exists()
     assert final["epoch"] == 3
     epochs = [m["epoch"] for m in read_metrics(run)]
     assert epochs == [1, 2, 3]  # epoch 3 trained once more after the restart, logged once

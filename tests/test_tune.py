@@ -24,7 +24,7 @@ from raypets.metrics import ConfusionMatrix
 from raypets.model import to_inputs
 from raypets.runlog import read_metrics
 from raypets.stages.shards import load_split
-from raypets.stages.tune import tune
+from raypets.stages.tune import SWEEP_FILE, tune
 from raypets.sweep_config import load_sweep
 
 FAST = "batch_size: 8, test_batch_size: 8, warmup_steps: 2, seed: 0"
@@ -36,6 +36,7 @@ def shards(tmp_path_factory, ray_local) -> Path:
 
 
 def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
@@ -123,7 +124,7 @@ def plain_mean_dice(model: torch.nn.Module, shards: Path) -> float:
     return matrix.compute()["mean_dice"]
 
 
-def test_a_failed_trial_is_reported_and_retried_on_resume(shards, tmp_path, capsys):
+def test_a_sweep_that_died_early_starts_afresh_and_a_failed_trial_is_retried_on_resume(shards, tmp_path, capsys):
     network = write(tmp_path / "net.json", "{not json")  # a broken network file: the trial fails as it starts
     space = write(tmp_path / "one.yaml", f"""
 train: {{epochs: 1, network: {network}, {FAST}}}
@@ -131,9 +132,13 @@ space:
   lr: {{grid: [1.0e-3]}}
 """)
     run = tmp_path / "sweep"
+    # What a sweep leaves when its process dies after writing sweep.json, before Tune's first save.
+    write(run / SWEEP_FILE, json.dumps(load_sweep(space, shards).to_dict()))
     args = ["tune", "--data", str(shards), "--space", str(space), "--run-dir", str(run), "--no-progress"]
-    assert main(args) == 1
-    err = capsys.readouterr().err
+    assert main([*args, "--resume"]) == 1
+    printed = capsys.readouterr()
+    assert "holds no state Tune saved (the sweep stopped before Tune's first save): starting it afresh" in printed.out
+    err = printed.err
     rows = list(csv.DictReader((run / "trials.csv").open()))
     assert [row["status"] for row in rows] == ["error"] and not (run / "best.json").exists()
     assert f"trial {rows[0]['trial_id']} failed: " in err and "net.json: not valid JSON" in err

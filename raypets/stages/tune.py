@@ -71,7 +71,10 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     run_dir = storage.absolute(run_dir)
     if resume and max_concurrent is not None:
         raise UserError("--max-concurrent applies to a new sweep; a resumed sweep keeps the limit it started with")
-    check_run_dir(sweep, run_dir, resume)
+    restore = check_run_dir(sweep, run_dir, resume)
+    if resume and not restore:
+        print(f"raypets tune: {redact(run_dir)} holds no state Tune saved (the sweep stopped before Tune's first "
+              "save): starting it afresh", flush=True)
     data = storage.parse(sweep.train["data"])
     manifest = read_manifest(data)
     storage.check_bucket(run_dir)
@@ -79,7 +82,7 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     datasets = load_datasets(data, manifest, sweep.trial_config(run_dir, {}).data_cache)  # the trials' own setting
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
                                          datasets=datasets, progress=progress)
-    if resume:  # Tune keeps its experiment at a URI itself
+    if restore:  # Tune keeps its experiment at a URI itself
         filesystem, experiment = run_storage(storage.join(run_dir, EXPERIMENT))
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
                                        storage_filesystem=filesystem)
@@ -104,16 +107,16 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     return summarize(results, sweep, run_dir)
 
 
-def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
-    """A new sweep needs a RUN without one; ``resume`` needs the same sweep there."""
+def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> bool:
+    """A new sweep needs a RUN without one; ``resume`` needs the same sweep there. Whether Tune saved its state
+    there: a sweep whose process died before Tune's first save left its sweep.json alone (--resume starts afresh)."""
     saved = storage.join(run_dir, SWEEP_FILE)
     if not resume:
         if storage.exists(saved) or storage.exists(storage.join(run_dir, EXPERIMENT)):
             raise UserError(f"{run_dir}: holds a sweep already; pass --resume to continue it, or choose another "
                             "--run-dir")
-        return
-    filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
-    if not storage.is_file(saved) or not ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        return False
+    if not storage.is_file(saved):
         raise UserError(f"{run_dir}: no sweep to resume (raypets tune leaves {SWEEP_FILE} and {EXPERIMENT}/ there)")
     before = storage.read_json(saved)
     now = json.loads(json.dumps(redact(sweep.to_dict())))
@@ -121,6 +124,8 @@ def check_run_dir(sweep: Sweep, run_dir: Location, resume: bool) -> None:
     if changed:
         raise UserError(f"{run_dir}: --resume continues the sweep saved in {saved}; this one differs in "
                         f"{', '.join(changed)} (start it in another --run-dir)")
+    filesystem, experiment = storage.filesystem(storage.join(run_dir, EXPERIMENT))
+    return ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
 
 
 def saved_sweep(run_dir: Location) -> Sweep:
