@@ -4,14 +4,15 @@ where no reader sees it half-written. The one home of both policies. No Ray here
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from raypets import storage
 from raypets.errors import UserError
 from raypets.storage import Location
+
+DONE = "_SUCCESS"  # the marker of an output that has no file of its own to say it is complete
 
 
 def check_output_folder(path: Location, what: str, *, ours: frozenset[str] = frozenset(), overwrite: bool = False,
@@ -40,32 +41,27 @@ def check_output_file(path: Path, overwrite: bool, flag: str = "--out") -> None:
 
 
 @contextmanager
-def staged_output(target: Location, *, local: bool = False) -> Iterator[Location]:
-    """Yield the folder to build the output ``target`` in; put it in place when the block ends without error.
+def staged_output(target: Location, *, marker: str | None = None) -> Iterator[Location]:
+    """Yield the folder to build the output ``target`` in, ``.NAME.partial`` beside it; put it in place when the
+    block ends without error. An earlier output there (which :func:`check_output_folder` allowed) stays as it was
+    until then; a failed run leaves it, and removes its own partial one.
 
-    A local ``target`` is built in a hidden ``.NAME.partial`` folder beside it and renamed into place, replacing
-    an earlier output there (which :func:`check_output_folder` allowed). A URI ``target`` (an object store cannot
-    rename) is written in place once its old contents are removed, or, with ``local`` (writers that need local
-    files, like h5py), built in a local temp folder and uploaded at the end.
+    ``marker``: the file the block writes last to say the output is complete, which its readers require. A local
+    folder is renamed into place. At a URI (an object store cannot rename) the store copies the files into place,
+    the old output's ``marker`` removed first and the new one's copied last.
     """
-    if storage.is_uri(target) and not local:
-        storage.remove_contents(target)
-        yield target
-        return
-    if storage.is_uri(target):
-        folder = Path(tempfile.mkdtemp(prefix="raypets-output-"))
-    else:
-        folder = target.parent / f".{target.name}.partial"
-        shutil.rmtree(folder, ignore_errors=True)  # a stale one of a run that died
-        folder.mkdir(parents=True)
+    name = target.name if isinstance(target, Path) else PurePosixPath(storage.filesystem(target)[1]).name
+    partial = storage.beside(target, f".{name}.partial")
+    storage.remove(partial)  # a stale one of a run that died
+    if isinstance(partial, Path):
+        partial.mkdir(parents=True)
     try:
-        yield folder
+        yield partial
         if storage.is_uri(target):
-            storage.remove_contents(target)
-            storage.upload(folder, target)
+            storage.replace_folder(partial, target, last=marker or DONE)
         else:
             if target.exists():
                 shutil.rmtree(target)
-            folder.rename(target)
+            partial.rename(target)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove(partial)

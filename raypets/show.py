@@ -14,6 +14,7 @@ from raypets.data.decode import decode_image
 from raypets.data.sources import display_name
 from raypets.errors import UserError
 from raypets.inference import full_size_mask
+from raypets.outputs import DONE
 from raypets.plots import plt
 
 
@@ -28,6 +29,8 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
     index = output / "predictions.h5"
     if not index.is_file():
         raise UserError(f"{output}: no predictions.h5; is it a folder written by raypets predict?")
+    if not (output / DONE).is_file():
+        raise UserError(f"{output}: no {DONE}: raypets predict did not finish writing it (run it again)")
     with h5py.File(index, "r") as file:
         keys = sorted(dataset_names(file))[:rows]
         if not keys:

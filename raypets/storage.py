@@ -220,6 +220,44 @@ def _trim_cache(root: Path, keep: Path) -> None:
             total -= sizes[entry]
 
 
+def beside(location: Location, name: str) -> Location:
+    """The location ``name`` in the folder that holds ``location`` (a URI keeps its query)."""
+    if not is_uri(location):
+        return Path(location).parent / name
+    parts = urlsplit(location)
+    folder = PurePosixPath(parts.path.rstrip("/")).parent
+    if not parts.path.strip("/"):
+        raise UserError(f"{location}: name a folder in the bucket, not the bucket itself")
+    return urlunsplit(parts._replace(path=str(folder / name)))
+
+
+def replace_folder(source: str, target: str, *, last: str) -> None:
+    """Put the folder at the URI ``source`` in place of the one at ``target`` (the same store): ``target``'s file
+    ``last`` is deleted first, then the rest of it; ``source``'s files are copied in by the store, ``last`` last.
+    A reader that trusts ``target`` only while it holds ``last`` never takes a mix of both for complete."""
+    fs, src = _open(source)
+    _, dst = _open(target)
+    with _errors(target):
+        if fs.get_file_info(f"{dst}/{last}").type == pafs.FileType.File:
+            fs.delete_file(f"{dst}/{last}")
+        fs.delete_dir_contents(dst, missing_dir_ok=True)
+        infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+        files = sorted((i.path for i in infos if i.type == pafs.FileType.File), key=lambda p: p == f"{src}/{last}")
+        for path in files:
+            fs.copy_file(path, dst + path[len(src):])
+
+
+def remove(location: Location) -> None:
+    """Delete the folder ``location`` and everything in it; nothing when it is not there."""
+    if not is_uri(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    fs, path = _open(location)
+    with _errors(location):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+
 def remove_contents(location: Location) -> None:
     """Delete everything under the folder ``location`` (the folder itself stays, if the store has folders)."""
     fs, path = _open(location)

@@ -114,7 +114,7 @@ def _plain_probs(weights: Path, image: Path, size: int = SIZE, mean: float = 0.0
 def test_each_readable_image_is_one_dataset_and_each_bad_file_a_listed_skip(predicted, tree):
     out, code, printed, err = predicted
     assert code == 1 and "Traceback" not in printed + err  # files skipped, no traceback
-    assert sorted(os.listdir(out)) == ["errors.csv", "masks", "output_1.h5", "output_2.h5", "overlays",
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "errors.csv", "masks", "output_1.h5", "output_2.h5", "overlays",
                                        "predictions.h5", "repairs.csv"]
     assert not list(tree.glob(".predictions*"))  # no staging folder left behind
     shards = [_arrays(out / f"output_{k}.h5") for k in (1, 2)]
@@ -235,7 +235,7 @@ def test_png_format_writes_class_id_masks_only(tree, tmp_path, ray_local):
     code, printed, _ = _cli("--checkpoint", str(tree / "model_checkpoint_1.pt"), str(tree / "in" / "dogs"), str(out),
                             "--size", str(SIZE), "--format", "png", "--workers", "1")
     assert code == 1 and "predicted 2 image(s)" in printed
-    assert sorted(os.listdir(out)) == ["errors.csv", "masks"]
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "errors.csv", "masks"]
     for name in ("beagle_1", "small"):
         height, width = IMAGES[f"dogs/{name}.{'png' if name == 'beagle_1' else 'bmp'}"][:2]
         assert np.asarray(Image.open(out / "masks" / f"{name}.png")).shape == (height, width)

@@ -52,7 +52,7 @@ def test_a_prefix_predicts_into_parquet_at_a_uri(bucket, photos, ray_local):  # 
     code, printed = _predict("--checkpoint", str(photos / "model.pt"), bucket.uri("in/photos/"), out,
                              "--format", "parquet", "--probabilities", "--batch-size", "2")
     assert code == 1 and "predicted 4 image(s)" in printed and "skipped 1: empty file" in printed
-    assert storage.entries(out) == {"predictions", "errors.csv"}
+    assert storage.entries(out) == {"predictions", "errors.csv", "_SUCCESS"}
     fs, path = storage.filesystem(storage.join(out, "predictions"))
     table = pq.read_table(path, filesystem=fs)
     assert sorted(table["name"].to_pylist()) == sorted(PHOTOS)  # every image once, named relative to the prefix

@@ -9,6 +9,7 @@ from helpers import random_pair, save_image
 from PIL import Image
 
 from raypets.cli import main
+from raypets.outputs import DONE
 
 
 def _predictions(folder, names, rng):
@@ -18,6 +19,7 @@ def _predictions(folder, names, rng):
         for name in names:
             logits = rng.normal(size=(3, 32, 32))
             file[name] = (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
+    (folder / DONE).touch()
 
 
 def test_show_draws_a_row_per_sample_with_input_prediction_and_truth(tmp_path):
@@ -49,6 +51,9 @@ def test_show_names_what_is_missing(tmp_path, capsys):
     assert main(["show", str(tmp_path / "out"), "--truth", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2
     assert "no ground-truth mask for a.jpg" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+    (tmp_path / "out" / DONE).unlink()  # as a predict that died, or an output still being copied into place
+    assert main(["show", str(tmp_path / "out"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "no _SUCCESS: raypets predict did not finish writing it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rows", [0, -1])

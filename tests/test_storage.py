@@ -165,6 +165,18 @@ def test_a_missing_data_uri_and_local_only_arguments_are_one_clear_message(bucke
     assert f"argument src: {missing}: takes a local path, not a URI" in capsys.readouterr().err
 
 
+def test_a_failed_overwrite_at_a_uri_leaves_the_earlier_output_as_it_was(bucket, tmp_path, ray_local):
+    raw, shards = tmp_path / "raw", bucket.uri("kept/shards")
+    assert main(["synth", str(raw), "--n", "8", "--size", "64x48"]) == 0
+    assert main(["prepare", str(raw), shards, "--size", "32", "--no-progress"]) == 0
+    before = {key: data for key, data in bucket.objects().items() if key.startswith(f"{BUCKET}/kept/")}
+    image = sorted((raw / "images").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:64])  # found and paired, then it fails to decode: after the shards' writing
+    assert main(["prepare", str(raw), shards, "--size", "32", "--overwrite", "--strict", "--no-progress"]) == 2
+    after = {key: data for key, data in bucket.objects().items() if key.startswith(f"{BUCKET}/kept/")}
+    assert after == before and f"{BUCKET}/kept/shards/manifest.json" in after  # no partial prefix left either
+
+
 def test_every_stage_at_uris_with_keys_in_them_leaves_the_keys_nowhere(bucket, tmp_path, ray_local, capsys):
     """prepare, tune (its one trial a ``raypets train`` run in the bucket; resumed), train, predict and evaluate at
     URIs that carry the keys: the secret is in no console line, no local file and no object, and what was saved
@@ -210,7 +222,8 @@ def test_every_stage_at_uris_with_keys_in_them_leaves_the_keys_nowhere(bucket, t
     predict = ["predict", "--checkpoint", best_json, str(raw / "images"), predicted, "--size", "32", "--cpu",
                "--workers", "1", "--no-progress"]
     run_ok(*predict)
-    assert storage.entries(predicted) == {"output_1.h5", "predictions.h5", "errors.csv"}
+    assert storage.entries(predicted) == {"output_1.h5", "predictions.h5", "errors.csv", "_SUCCESS"}
+    assert not storage.exists(storage.beside(predicted, ".predicted.partial"))
     with h5py.File(storage.cached(predicted) / "predictions.h5") as h5:
         assert len(h5) == 16 and h5["Abyssinian_1.jpg"].shape == (3, 32, 32)
         assert h5.attrs["checkpoint"].startswith(checkpoint)

@@ -9,8 +9,8 @@ actor, or CPU actors, into which Ray Data then fuses the decode stage), skips th
 softmax probabilities and, when an output needs them, class-id masks at each image's original size (the
 probabilities resized bilinearly, then the argmax). A sink of :mod:`raypets.stages.prediction_sinks` writes them in
 parallel tasks straight to OUTPUT and lists the rest. Batches are formed in input order, so a re-run gives the same
-floats. A local OUTPUT is built in a hidden ``.OUTPUT.partial`` folder renamed into place at the end
-(:func:`raypets.outputs.staged_output`); at a URI the tasks write in place.
+floats. OUTPUT is built in a hidden ``.OUTPUT.partial`` folder (or prefix) beside it and put in place at the end,
+``_SUCCESS`` last (:func:`raypets.outputs.staged_output`): a reader takes an output without it for unfinished.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from raypets.data.sources import DEFAULT_MAX_FILE_MB, list_inputs, read_and_deco
 from raypets.errors import UserError
 from raypets.inference import ModelRunner, full_size_mask
 from raypets.model import require_image_size
-from raypets.outputs import check_output_folder, staged_output
+from raypets.outputs import DONE, check_output_folder, staged_output
 from raypets.precision import PRECISIONS, resolve_precision
 from raypets.redaction import redact
 from raypets.stages.hdf5 import HDF5Sink
@@ -52,7 +52,7 @@ FORMATS = ("hdf5", "parquet", "png")
 HDF5_PRECISIONS = {"single": "float32", "half": "float16"}
 ERRORS_FILE, REPAIRS_FILE = "errors.csv", "repairs.csv"
 # What an earlier predict output holds; `--overwrite` replaces only a folder made of these.
-_OURS = re.compile(r"(output_\d+\.h5|predictions\.h5|errors\.csv|repairs\.csv|masks|overlays|predictions)")
+_OURS = re.compile(rf"(output_\d+\.h5|predictions\.h5|errors\.csv|repairs\.csv|masks|overlays|predictions|{DONE})")
 CPU_BATCH, GPU_BATCH = 16, 128  # images per model call by default
 ROWS_PER_FILE = 128  # at most, per output_<k>.h5 or part-<k>.parquet: a write task starts once it has them
 
@@ -147,13 +147,14 @@ def predict(cfg: PredictConfig, *, address: str | None = None) -> dict:
     actors = {"model": model, "num_classes": num_classes, "use_gpu": use_gpu, "workers": workers,
               "normalize": cfg.normalize or checkpoint.normalize, "precision": cfg.precision,
               "dtype": HDF5_PRECISIONS[cfg.hdf5_precision], "probs": cfg.needs_probs, "masks": cfg.needs_masks}
-    with staged_output(cfg.output) as out:
+    with staged_output(cfg.output, marker=DONE) as out:
         sink = _sink(cfg, out, classes, checkpoint, images=len(rows))
         batch_size = cfg.batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
         _pipeline(cfg, rows, actors, batch_size).write_datasink(sink, concurrency=cfg.writers)
         _write_csv(out, ERRORS_FILE, ("file", "reason", "detail"), sink.errors)
         if sink.repaired:
             _write_csv(out, REPAIRS_FILE, ("file", "repair"), sorted(sink.repaired.items()))
+        storage.write_text(storage.join(out, DONE), "")  # last: the output is complete
     seconds = time.perf_counter() - started
     return {"output": str(cfg.output), "format": cfg.format, "written": len(sink.written), "ignored": inputs.ignored,
             "skipped": dict(Counter(reason for _, reason, _ in sink.errors).most_common()),

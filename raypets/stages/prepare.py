@@ -89,8 +89,8 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
     """Prepare ``cfg.src`` into ``cfg.out`` and return the manifest (also written as ``out/manifest.json``).
 
     The output (and the export) is built where no reader sees it half-written (:func:`raypets.outputs.staged_output`),
-    so a failed or ``--strict`` run leaves an earlier output as it was. At a URI (``s3://...``) the shards are written
-    in place and ``manifest.json``, written last, marks them complete.
+    so a failed or ``--strict`` run leaves an earlier output as it was, at a URI (``s3://...``) too; ``manifest.json``,
+    written last, marks the shards complete.
     """
     if not cfg.src.is_dir():
         raise UserError(f"{cfg.src}: dataset folder does not exist")
@@ -106,7 +106,7 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
 
     init_ray(address)
     export = staged_output(cfg.export_rmldnn) if cfg.export_rmldnn else nullcontext()
-    with staged_output(cfg.out) as out, export as export_folder:
+    with staged_output(cfg.out, marker="manifest.json") as out, export as export_folder:
         sink = _ShardSink(str(out))
         # One fused operator: Ray Data's per-operator reservations (made for pipelines of several) only held its
         # tasks back, starting one at a time with gaps between them.
