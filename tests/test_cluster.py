@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,43 @@ def test_prepare_train_and_predict_run_as_ray_jobs(head, tmp_path):
     assert status == "SUCCEEDED", logs
     with h5py.File(output / "predictions.h5") as h5:
         assert len(h5) == 16 and h5["Abyssinian_1.jpg"].shape == (3, 32, 32)
+
+
+@pytest.fixture
+def split_disks(tmp_path):
+    """A head that runs no tasks and a worker node whose ``tmp_path/disk`` is a tmpfs of its own (a private mount
+    namespace): what the worker writes there, the head does not see, as with node-local disks on a cluster."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("needs `unshare --mount` (util-linux, and the right to make a mount namespace) for a local disk")
+    temp = Path(tempfile.mkdtemp(prefix="rps-", dir="/tmp"))
+    (temp / "home").mkdir()
+    (tmp_path / "disk").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(temp / "home"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    gcs, dashboard, client, *ports = free_ports(9)
+    common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"]
+    subprocess.run(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+                    f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
+                    f"--metrics-export-port={ports[2]}", *common],
+                   env=env, check=True, capture_output=True, timeout=120)
+    worker = shlex.join(["ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4", "--block",
+                         f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
+                         f"--metrics-export-port={ports[5]}", *common])
+    subprocess.Popen(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path / 'disk'} && exec {worker}"],
+                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "temp": temp}
+    _stop_processes_under(temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_prepare_into_a_folder_only_its_tasks_node_sees_fails_and_says_why(split_disks, tmp_path):
+    raw, shards = tmp_path / "raw", tmp_path / "disk" / "shards"
+    assert main(["synth", str(raw), "--n", "8", "--size", "64x48"]) == 0
+    status, logs = _submit(split_disks, "pipelines/prepare.py", str(raw), str(shards), "--size", "32", "--no-progress")
+    assert status == "FAILED" and "shard files the Ray tasks wrote are not there from the driver" in logs, logs
+    assert "OUT must be on storage every node sees at the same path (a shared file system) or a URI" in logs
+    assert not shards.exists()  # no manifest naming shards that no reader finds
 
 
 def test_a_job_with_a_missing_data_folder_fails_with_that_message(head, tmp_path):

@@ -121,6 +121,7 @@ def prepare(cfg: PrepareConfig, *, address: str | None = None) -> dict:
             _fail_strict(skipped)
         if not used:
             raise UserError(f"{cfg.src}: no usable image/mask pairs ({_reasons_line(skipped)})")
+        _check_visible(sink.files, out, cfg.out)
         manifest = _manifest(cfg, found, used, skipped, sink.class_pixels)
         storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -148,32 +149,46 @@ class _ShardSink(Datasink):
     def __init__(self, out: Location) -> None:
         self.out = out
         self.rows: list[dict] = []
+        self.files: list[str] = []  # ``<split>/<name>``, as the tasks wrote them
         self.class_pixels = {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
 
-    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> tuple[list[dict], dict]:
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> tuple[list[dict], dict, list[str]]:
         import pyarrow.parquet as pq
 
         filesystem, root = storage.filesystem(self.out)
-        rows, pixels = [], {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
+        rows, files, pixels = [], [], {split: np.zeros(len(CLASS_NAMES), np.int64) for split in SPLITS}
         for index, block in enumerate(blocks):
             table = BlockAccessor.for_block(block).to_arrow()
             splits = table["split"].to_numpy(zero_copy_only=False)
             for split in SPLITS:
                 part = _rows(table, np.flatnonzero(splits == split))
                 if part.num_rows:
-                    path = f"{root}/{split}/part-{ctx.task_idx:05d}-{index:03d}.parquet"
+                    files.append(f"{split}/part-{ctx.task_idx:05d}-{index:03d}.parquet")
+                    path = f"{root}/{files[-1]}"
                     if filesystem is None:
                         Path(path).parent.mkdir(parents=True, exist_ok=True)
                     pq.write_table(part.select(SHARD_COLUMNS), path, filesystem=filesystem)
                     pixels[split] += part["class_pixels"].combine_chunks().to_numpy().sum(axis=0)
             rows += table.select(_META_COLUMNS).to_pylist()
-        return rows, pixels
+        return rows, pixels, files
 
     def on_write_complete(self, write_result: WriteResult) -> None:
-        for rows, pixels in write_result.write_returns:
+        for rows, pixels, files in write_result.write_returns:
             self.rows += rows
+            self.files += files
             for split in SPLITS:
                 self.class_pixels[split] += pixels[split]
+
+
+def _check_visible(files: list[str], out: Location, target: Location) -> None:
+    """One clear error when shard files the tasks wrote into ``out`` are not there from here: tasks on other nodes
+    wrote them to their own disks (a local OUT on a cluster), and the manifest would name what no node can read."""
+    present = {f"{split}/{name}" for split in SPLITS for name in storage.entries(storage.join(out, split))}
+    unseen = sorted(set(files) - present)
+    if unseen:
+        raise UserError(f"{target}: {len(unseen)} of the {len(files)} shard files the Ray tasks wrote are not there "
+                        f"from the driver (first {unseen[0]}): tasks on other nodes wrote them to their own disks. "
+                        "OUT must be on storage every node sees at the same path (a shared file system) or a URI")
 
 
 def _rows(table, indices: np.ndarray):
