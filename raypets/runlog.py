@@ -84,9 +84,13 @@ class RunLog:
                 storage.download(remote, path.parent)
 
 
+KEPT_FILE = "kept_checkpoints.json"  # which Ray checkpoints --keep left, and why
+
+
 def run_outputs(name: str, checkpoint_dir: str) -> list[str]:
     """What a training run writes into its folder besides Ray's checkpoints (``name``: its logs' prefix)."""
-    return [f"{name}_train.txt", f"{name}_test.txt", "metrics.jsonl", RUN_FILE, "loss.png", "dice.png", checkpoint_dir]
+    return [f"{name}_train.txt", f"{name}_test.txt", "metrics.jsonl", RUN_FILE, KEPT_FILE, "loss.png", "dice.png",
+            checkpoint_dir]
 
 
 def run_settings(train: dict, manifest: dict) -> dict:

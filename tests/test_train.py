@@ -50,7 +50,7 @@ def evaluate_plainly(weights: Path, shards: Path) -> dict:
 def test_training_learns_checkpoints_and_logs(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --run-dir means the caller's folder, though the workers run elsewhere
     run = tmp_path / "run"
-    final = train(TrainConfig(data=shards, run_dir=Path("run"), epochs=4, checkpoint_every=2, **FAST))
+    final = train(TrainConfig(data=shards, run_dir=Path("run"), epochs=4, checkpoint_every=2, keep=1, **FAST))
     history = read_metrics(run)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4] and final["epoch"] == 4
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -62,6 +62,13 @@ def test_training_learns_checkpoints_and_logs(shards, tmp_path, monkeypatch):
 
     plain = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert plain == ["model_checkpoint_2.pt", "model_checkpoint_4.pt"]
+    dice = {m["epoch"]: m["mean_dice"] for m in history if m["epoch"] in (2, 4)}
+    best = max(dice, key=dice.get)  # --keep 1: the best of the checkpointed epochs, and the latest to resume from
+    kept = json.loads((run / "kept_checkpoints.json").read_text())
+    assert {row["epoch"]: row["kept_as"] for row in kept} == (
+        {4: ["best", "latest"]} if best == 4 else {2: ["best"], 4: ["latest"]})
+    assert sorted(torch.load(p, weights_only=True)["epoch"] for p in (run / "ray_train").glob("*/train_state.pt")) \
+        == sorted({best, 4})
     ray_copy = Path(final["model_checkpoint"])
     assert ray_copy.name == "model_checkpoint_4.pt" and ray_copy.parent.parent == run / "ray_train"
     a, b = XceptionUNet(), XceptionUNet()

@@ -6,6 +6,8 @@ data, starts the trainer, and draws the curves when it ends.
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from raypets.model import build_network, count_parameters, require_image_size
 from raypets.plots import plot_curves
 from raypets.precision import require_cuda
 from raypets.redaction import redact
-from raypets.runlog import check_resume, read_metrics, run_outputs, run_settings, save_run_settings
+from raypets.runlog import KEPT_FILE, check_resume, read_metrics, run_outputs, run_settings, save_run_settings
 from raypets.stages.runtime import (
     cpu_share,
     data_context,
@@ -93,7 +95,9 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep),
+            # --keep N: the N with the best test mean Dice (and the latest, which Ray always keeps, to resume from).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep, checkpoint_score_attribute="mean_dice",
+                                                         checkpoint_score_order="max"),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints the epochs
         ),
     )
@@ -104,12 +108,30 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in the run folder (or at its URI)
         for plot in plot_curves(read_metrics(cfg.run_dir), Path(folder)):
             storage.upload(plot, storage.join(cfg.run_dir, plot.name))
+    write_kept(cfg, result.best_checkpoints or [], ray_run_name)
     metrics = dict(result.metrics or {})
     if result.checkpoint is not None:  # Ray names it by its path in the bucket; say it as the run's URI
         checkpoint = ray_checkpoint(cfg.run_dir, result.checkpoint.path, ray_run_name)
         metrics["checkpoint"] = str(checkpoint)
         metrics["model_checkpoint"] = str(storage.join(checkpoint, weights_name(metrics["epoch"])))
     return metrics
+
+
+def write_kept(cfg: TrainConfig, kept: list[tuple[ray.train.Checkpoint, dict]], ray_run_name: str) -> None:
+    """``RUN/kept_checkpoints.json``: the Ray checkpoints the run keeps, best test mean Dice first, each with its
+    epoch, its Dice and why it is kept: ``best`` (among the ``--keep`` N), ``latest``, or ``all`` (no ``--keep``)."""
+    ranked = sorted(kept, key=lambda pair: _score(pair[1]["mean_dice"]), reverse=True)
+    latest = max((metrics["epoch"] for _, metrics in kept), default=None)
+    rows = [{"checkpoint": str(ray_checkpoint(cfg.run_dir, checkpoint.path, ray_run_name)), "epoch": metrics["epoch"],
+             "mean_dice": metrics["mean_dice"],
+             "kept_as": ["all"] if cfg.keep is None else
+             [why for why, yes in (("best", rank < cfg.keep), ("latest", metrics["epoch"] == latest)) if yes]}
+            for rank, (checkpoint, metrics) in enumerate(ranked)]
+    storage.write_text(storage.join(cfg.run_dir, KEPT_FILE), json.dumps(redact(rows), indent=2) + "\n")
+
+
+def _score(dice: float) -> float:
+    return float("-inf") if math.isnan(dice) else dice
 
 
 def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
