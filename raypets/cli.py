@@ -256,7 +256,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vflip", type=float, help="random vertical flip probability (default 0)")
     parser.add_argument("--network", type=_local, help="Keras JSON network (default: the built-in XceptionUNet)")
     parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
-    parser.add_argument("--keep", type=int, help="keep the N Ray checkpoints with the best test mean Dice, and the latest (default all)")
+    parser.add_argument("--keep", type=int,
+                        help="keep the N Ray checkpoints with the best test mean Dice, and the latest (default all)")
     parser.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue the run in --run-dir")
     parser.add_argument("--overwrite", action="store_true", default=None,
