@@ -6,6 +6,7 @@ Mistakes a user can make end in one ``raypets: error: ...`` line and exit status
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -82,12 +83,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from raypets.config import RECIPES, TrainConfig
+    from raypets.config import RECIPES, TrainConfig, saved_settings
     from raypets.stages.runtime import set_progress_bars
     from raypets.stages.train import train
 
     settings = dict(RECIPES[args.recipe])
     flags = {key: value for key, value in vars(args).items() if key in _TRAIN_FLAGS and value is not None}
+    if args.from_file:
+        settings.update(saved_settings(args.from_file))
     source = None
     if args.config:
         from raypets.rmldnn import training_settings
@@ -100,7 +103,10 @@ def _train(args: argparse.Namespace) -> int:
     settings.update(flags)
     if settings.get("data") is None or settings.get("run_dir") is None:
         raise UserError("raypets train needs --data SHARDS and --run-dir RUN, or --config FILE")
-    cfg = TrainConfig(**settings)
+    cfg = TrainConfig.from_dict(settings)
+    if args.print_config:
+        print(json.dumps(redact(cfg.to_dict()), indent=2))
+        return 0
     set_progress_bars(not args.no_progress)
     if source:
         from raypets.stages.prepare import ensure_shards
@@ -228,6 +234,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     from raypets.precision import PRECISIONS
 
     parser.add_argument("--config", type=_local, help="an rmldnn training config; flags override it")
+    parser.add_argument("--from", dest="from_file", type=storage.parse, metavar="FILE",
+                        help="the settings of a sweep's best.json, a run's run.json or a --print-config output (all "
+                        "but the run folder); flags override them")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings as JSON (what --from reads) instead of training")
     parser.add_argument("--data", type=storage.parse, help="prepared shards (raypets prepare OUT), a folder or a URI")
     parser.add_argument("--run-dir", type=storage.parse,
                         help="folder for checkpoints, logs and plots, or a URI (s3://, gs://...)")

@@ -122,3 +122,22 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown training setting(s): {', '.join(unknown)}")
         return cls(**{k: storage.parse(v) if k in TRAIN_PATHS and v is not None else v for k, v in values.items()})
+
+
+NEW_RUN_ONLY = ("run_dir", "resume", "overwrite")  # settings a run takes from its command line, never from a file
+
+
+def saved_settings(path: Location) -> dict:
+    """The training settings saved in ``path`` (``raypets train --from``): a sweep's best.json (its best trial's),
+    a run's run.json, or what ``raypets train --print-config`` printed; without those of ``NEW_RUN_ONLY``. A data
+    URI saved without its keys reads with the keys of ``path`` when both are in the same bucket."""
+    saved = storage.read_json(path)
+    settings = saved.get("config") or saved.get("train") or saved if isinstance(saved, dict) else None
+    if not isinstance(settings, dict) or "data" not in settings:
+        raise UserError(f"{path}: holds no training settings (a sweep's best.json, a run's run.json, or what "
+                        "raypets train --print-config printed)")
+    settings = {key: value for key, value in settings.items() if key not in NEW_RUN_ONLY}
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UserError(f"{path}: unknown training setting(s): {', '.join(unknown)}")
+    return {**settings, "data": storage.reuse_credentials(settings["data"], path)}

@@ -197,6 +197,27 @@ def test_learning_rate_warms_up_then_follows_the_schedule(tmp_path):
         TrainConfig(data=tmp_path, run_dir=tmp_path, lr_scheduler={"type": "step", "gamma": 0.1})
 
 
+def test_from_takes_a_sweeps_winner_or_a_runs_settings_and_print_config_reads_back(tmp_path, capsys):
+    winner = TrainConfig(data=tmp_path / "shards", run_dir=tmp_path / "sweep" / "trials" / "t1", lr=3e-4, epochs=4,
+                         hflip=0.5, resume=True)
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"trial_id": "t1", "config": winner.to_dict()}))
+    run = ["train", "--run-dir", str(tmp_path / "winner"), "--print-config"]
+    assert main([*run, "--from", str(best), "--epochs", "30"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["lr"], printed["hflip"], printed["epochs"]) == (3e-4, 0.5, 30)  # the winner's, the flag's epochs
+    assert printed["data"] == str(tmp_path / "shards") and printed["run_dir"] == str(tmp_path / "winner")
+    assert printed["resume"] is False  # a new run: its folder and resume come from its own command line
+    (tmp_path / "printed.json").write_text(json.dumps(printed))
+    (tmp_path / "run.json").write_text(json.dumps({"network": None, "train": printed}))
+    for saved in ("printed.json", "run.json"):
+        assert main([*run, "--from", str(tmp_path / saved)]) == 0
+        assert json.loads(capsys.readouterr().out) == printed  # what --print-config printed reads back the same
+    (tmp_path / "metrics.json").write_text('{"mean_dice": 0.7}')
+    assert main([*run, "--from", str(tmp_path / "metrics.json")]) == 2
+    assert "metrics.json: holds no training settings" in capsys.readouterr().err
+
+
 def test_config_round_trips_through_json(tmp_path):
     cfg = TrainConfig(data=tmp_path / "d", run_dir=tmp_path / "r", lr_scheduler={"type": "exponential", "gamma": 0.9})
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
