@@ -1,12 +1,14 @@
 """``raypets demo``: the whole pipeline on Ray in one command, every stage a call of its public function, timed.
 
 synth (unless ``--data``) -> prepare -> train -> a learning-rate sweep -> evaluate -> predict over the test images ->
-the input | prediction | ground truth grid -> ``report.md`` and ``report.html``, all in one fresh folder laid out as
-:class:`raypets.demo_report.DemoFolders` says. Each stage also gives its equivalent ``raypets`` command for the report.
+the input | prediction | ground truth grid -> export (ONNX and TorchScript) -> ``report.md`` and ``report.html``,
+all in one fresh folder laid out as :class:`raypets.demo_report.DemoFolders` says. Each stage also gives its
+equivalent ``raypets`` command for the report.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -22,6 +24,7 @@ from raypets.config import TrainConfig
 from raypets.data.synth import synthesize
 from raypets.demo_report import DemoFolders, write_report
 from raypets.errors import UserError
+from raypets.exporter import ExportConfig, export
 from raypets.outputs import check_output_folder
 from raypets.show import show_predictions
 from raypets.stages.evaluate import evaluate, format_metrics, write_json
@@ -217,6 +220,14 @@ def _predict(demo: _Demo) -> list:
             *DEVICE_FLAGS[demo.device], *_address(demo.address)]
 
 
+def _export(demo: _Demo) -> list:
+    folders, size = demo.folders, demo.settings.size
+    fmt = "all" if importlib.util.find_spec("onnx") else "torchscript"  # ONNX needs the export extra
+    info = export(ExportConfig(checkpoint=folders.run, out=folders.model, format=fmt, size=(size, size)))
+    demo.facts["export"] = {"files": info["files"], "size": info["size"]}
+    return ["export", "--checkpoint", folders.run, folders.model, "--format", fmt, "--size", size]
+
+
 def _show(demo: _Demo) -> list:
     folders = demo.folders
     show_predictions(folders.predictions, folders.grid, images=folders.test_images, truth=folders.test_masks,
@@ -227,4 +238,4 @@ def _show(demo: _Demo) -> list:
 
 STAGES: list[tuple[str, Callable[[_Demo], list]]] = [
     ("synth", _synth), ("prepare", _prepare), ("train", _train), ("tune", _tune), ("evaluate", _evaluate),
-    ("predict", _predict), ("show", _show)]
+    ("predict", _predict), ("show", _show), ("export", _export)]

@@ -36,6 +36,7 @@ class DemoFolders:
     evaluation: Path  # raypets evaluate's JSON
     predictions: Path  # raypets predict's output
     grid: Path  # input | prediction | ground truth
+    model: Path  # raypets export's files
     summary: Path  # demo.json: settings, timings, commands
     markdown: Path
     html: Path
@@ -43,7 +44,7 @@ class DemoFolders:
     @classmethod
     def under(cls, root: Path) -> DemoFolders:
         names = ("raw", "shards", "rmldnn", "train", "sweep.yaml", "sweep", "evaluate_test.json", "predictions",
-                 "grid.png", "demo.json", "report.md", "report.html")
+                 "grid.png", "model", "demo.json", "report.md", "report.html")
         return cls(root, *(root / name for name in names))
 
     @property
@@ -83,7 +84,13 @@ class Code:
     text: str
 
 
-Block = Heading | Text | Table | Figure | Code
+@dataclass(frozen=True)
+class Link:
+    path: Path
+    caption: str
+
+
+Block = Heading | Text | Table | Figure | Code | Link
 
 
 def write_report(folders: DemoFolders) -> tuple[Path, Path]:
@@ -101,7 +108,7 @@ def build(folders: DemoFolders) -> list[Block]:
     evaluation = json.loads(folders.evaluation.read_text())
     return [*_overview(summary, evaluation, manifest), *_dataset(manifest), *_training(folders.run),
             *_test_metrics(evaluation, manifest), *_sweep(folders), *_predictions(folders, summary),
-            *_timings(summary), *_reproduce(summary)]
+            *_model(folders, summary), *_timings(summary), *_reproduce(summary)]
 
 
 # --- sections -----------------------------------------------------------------------------------------------------
@@ -180,6 +187,16 @@ def _predictions(folders: DemoFolders, summary: dict) -> list[Block]:
             Figure(folders.grid, "input | prediction | ground truth")]
 
 
+def _model(folders: DemoFolders, summary: dict) -> list[Block]:
+    exported = summary["export"]
+    files = [*exported["files"].values(), "model.json"]
+    return [Heading("Exported model"),
+            Text(f"raypets export wrote the trained model for runtimes without raypets ({', '.join(exported['files'])}"
+                 f"; uint8 RGB images of {exported['size'][0]}x{exported['size'][1]} in, softmax out); model.json "
+                 "says what the files hold:"),
+            *(Link(folders.model / name, f"model/{name}") for name in files)]
+
+
 def _timings(summary: dict) -> list[Block]:
     rows = [(stage, f"{seconds:.1f}") for stage, seconds in summary["timings"].items()]
     return [Heading("Timings"), Table(("stage", "seconds"), [*rows, ("total", f"{summary['total_s']:.1f}")])]
@@ -226,6 +243,8 @@ def to_markdown(blocks: list[Block], root: Path) -> str:
                 parts.append(f"![{caption}]({path.relative_to(root).as_posix()})")
             case Code(text):
                 parts.append(f"```\n{text}\n```")
+            case Link(path, caption):
+                parts.append(f"- [{caption}]({path.relative_to(root).as_posix()})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -248,5 +267,7 @@ def to_html(blocks: list[Block]) -> str:
                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
             case Code(text):
                 body.append(f"<pre><code>{html.escape(text)}</code></pre>")
+            case Link(path, caption):  # beside report.html: a link, not something the page loads
+                body.append(f'<p><a href="{html.escape(caption)}">{html.escape(caption)}</a></p>')
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>raypets demo</title>'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -14,7 +14,8 @@ from PIL import Image
 from raypets.cli import build_parser, main
 from raypets.runlog import read_metrics
 
-COMMANDS = ["synth", "prepare", "train", "tune", "evaluate", "predict", "show"]
+COMMANDS = ["synth", "prepare", "train", "tune", "evaluate", "predict", "show", "export"]
+MODEL = ["model/model.onnx", "model/model.ts", "model/model.json"]  # the test extra has onnx: both formats
 FIGURES = ["train/loss.png", "train/dice.png", "sweep/mean_dice_vs_lr.png", "grid.png"]
 
 
@@ -22,7 +23,7 @@ def test_quick_demo_runs_every_stage_and_reports_each(quick_demo, capsys):
     argv, out, printed = quick_demo["argv"], quick_demo["out"], quick_demo["printed"]
     for path in ["raw/annotations/trimaps", "shards/manifest.json", "rmldnn/testing/masks", "train/metrics.jsonl",
                  "sweep.yaml", "sweep/trials.csv", "sweep/best.json", "evaluate_test.json",
-                 "predictions/predictions.h5", "demo.json", "report.md", "report.html", *FIGURES]:
+                 "predictions/predictions.h5", "demo.json", "report.md", "report.html", *FIGURES, *MODEL]:
         assert (out / path).exists(), path
     assert list((out / "train" / "checkpoints").glob("model_checkpoint_*.pt"))
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
@@ -60,10 +61,12 @@ def test_quick_demo_runs_every_stage_and_reports_each(quick_demo, capsys):
     for t in trials:
         assert in_both(t["rank"], t["trial_id"], f"{float(t['lr']):g}", f"{float(t['mean_dice']):.4f}")
     assert (out / "sweep.yaml").read_text().strip() in md
-    # figures: linked beside report.md, embedded in report.html (self-contained: nothing else is loaded)
-    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    # figures: linked beside report.md, embedded in report.html (self-contained: nothing else is loaded); the
+    # exported model's files linked from both
+    sources = re.findall(r'src="([^"]*)"', page)
     assert sources == [f"data:image/png;base64,{base64.b64encode((out / f).read_bytes()).decode()}" for f in FIGURES]
     assert all(f"]({f})" in md for f in FIGURES)
+    assert re.findall(r'href="([^"]*)"', page) == MODEL and all(f"[{f}]({f})" in md for f in MODEL)
     rows = min(4, manifest["counts"]["test"])
     assert Image.open(out / "grid.png").size == (3 * 260, rows * 260)  # input | prediction | ground truth
     # timings of every stage
