@@ -224,7 +224,8 @@ def _export(args: argparse.Namespace) -> int:
 
 _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "precision", "sync_bn", "compile", "data_cache", "epochs",
                 "batch_size", "test_batch_size", "lr", "optimizer", "loss", "warmup_steps", "bn_momentum", "hflip",
-                "vflip", "network", "checkpoint_every", "keep", "max_failures", "resume", "overwrite", "seed", "name"}
+                "vflip", "network", "checkpoint_every", "keep", "progress_every", "max_failures", "resume", "overwrite",
+                "seed", "name"}
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -269,6 +270,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
     parser.add_argument("--keep", type=int,
                         help="keep the N Ray checkpoints with the best test mean Dice, and the latest (default all)")
+    parser.add_argument("--progress-every", type=float, metavar="SECONDS",
+                        help="a progress line (images, img/s, time left) this often within an epoch (default 30; 0: "
+                        "none)")
     parser.add_argument("--max-failures", type=int, help="worker failures to recover from (default 2)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue the run in --run-dir")
     parser.add_argument("--overwrite", action="store_true", default=None,

@@ -63,6 +63,7 @@ class TrainConfig:
     init_weights: Path | None = None
     checkpoint_every: int = 5
     keep: int | None = None
+    progress_every: float = 30.0  # seconds between rank 0's progress lines within an epoch; 0: none
     max_failures: int = 2
     resume: bool = False
     overwrite: bool = False  # replace logs and checkpoints of another run in run_dir (not a Ray run: --resume)
@@ -96,6 +97,7 @@ class TrainConfig:
             (self.normalize_std > 0, f"normalize std must be positive, got {self.normalize_std}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
             (self.keep is None or self.keep >= 1, f"--keep must be at least 1, got {self.keep}"),
+            (self.progress_every >= 0, f"--progress-every must be >= 0 seconds, got {self.progress_every}"),
             (self.max_failures >= -1, f"--max-failures must be -1 (forever) or more, got {self.max_failures}"),
         ]
         for ok, message in checks:

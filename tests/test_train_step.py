@@ -13,7 +13,7 @@ from raypets.losses import make_loss
 from raypets.model import build_network
 from raypets.optim import make_optimizer
 from raypets.precision import resolve_precision
-from raypets.stages.train_loop import train_epoch
+from raypets.stages.train_loop import Progress, train_epoch
 
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -58,3 +58,16 @@ def test_the_count_sees_a_read_in_the_step(host_reads):
     """The loss's check of its targets' values reads back once a step: the count above would show it."""
     train_epoch(*_epoch(check_values=True), epoch=1, step=0, gen=torch.Generator().manual_seed(0), record=False)
     assert host_reads["__bool__"] == 3
+
+
+def test_progress_lines_come_from_sizes_and_the_clock(host_reads, capsys):
+    progress = Progress(every_s=1e-9, epoch_images=24, epochs=3, world=2)  # a line after every batch
+    train_epoch(*_epoch(check_values=False), epoch=2, step=0, gen=torch.Generator().manual_seed(0), record=False,
+                progress=progress)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"epoch 2/3: {n}/24 images" for n in (8, 16, 24)]
+    assert "epoch ends in 0s, run in " in lines[-1] and host_reads == Counter()  # no read from the device
+    quiet = Progress(every_s=0, epoch_images=24, epochs=3, world=2)
+    train_epoch(*_epoch(check_values=False), epoch=1, step=0, gen=torch.Generator().manual_seed(0), record=False,
+                progress=quiet)
+    assert capsys.readouterr().out == ""

@@ -87,7 +87,8 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     filesystem, storage_path = run_storage(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu},
+        train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu,
+                           "train_images": manifest["counts"]["train"]},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg, use_gpu)),
         datasets=datasets,

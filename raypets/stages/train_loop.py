@@ -86,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = make_loss(cfg.loss, source=cfg.loss_source, check_values=False)
     start_epoch = state["epoch"] + 1 if state else 1
     step = state["step"] if state else 0
+    progress = Progress(cfg.progress_every, config["train_images"], cfg.epochs, world) if rank == 0 else None
     with RunLog(cfg.run_dir, cfg.name) if rank == 0 else nullcontext() as log:
         if log:
             log.start(last_epoch=start_epoch - 1)
@@ -101,7 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
                 batch_size=cfg.batch_size // world, local_shuffle_buffer_size=max(cfg.batch_size, 256),
                 local_shuffle_seed=cfg.seed * 1_000 + epoch, prefetch_batches=2, pin_memory=use_gpu)
             trained = train_epoch(model, batches, optimizer, scaler, loss_fn, cfg, precision, epoch=epoch,
-                                  step=step, gen=gen, record=log is not None)
+                                  step=step, gen=gen, record=log is not None, progress=progress)
             step = trained.step
             _all_reduce(trained.sums)
             train_loss = _mean(trained.sums)  # reads back to the host: the epoch's device work is done after it
@@ -144,14 +145,57 @@ class TrainedEpoch:
         return list(zip(self.seconds, losses, norms, self.lrs, strict=True))
 
 
+@dataclass
+class Progress:
+    """Rank 0's line every ``every_s`` seconds of an epoch (none when 0): images done, images/s, when the epoch and
+    the run will end. From the batches' sizes and the clock alone, so it reads nothing back from the device; the
+    other workers' images are counted as this one's (each has 1/``world`` of the split)."""
+
+    every_s: float
+    epoch_images: int  # the train split, all workers
+    epochs: int
+    world: int
+    epoch: int = 0
+    done: int = 0
+    started: float = 0.0
+    last: float = 0.0
+
+    def start(self, epoch: int) -> None:
+        self.epoch, self.done, self.started = epoch, 0, time.monotonic()
+        self.last = self.started
+
+    def add(self, images: int) -> None:
+        self.done += images * self.world
+        now = time.monotonic()
+        if not self.every_s or now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        epoch_left = max(self.epoch_images - self.done, 0) / rate
+        run_left = epoch_left + (self.epochs - self.epoch) * self.epoch_images / rate
+        sys.stdout.write(f"epoch {self.epoch}/{self.epochs}: {min(self.done, self.epoch_images)}/{self.epoch_images} "
+                         f"images, {rate:.1f} img/s, epoch ends in {_duration(epoch_left)}, run in "
+                         f"{_duration(run_left)} (training alone)\n")
+        sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, loss_fn: nn.Module, cfg: TrainConfig, precision: Precision, *,
-                epoch: int, step: int, gen: torch.Generator, record: bool) -> TrainedEpoch:
+                epoch: int, step: int, gen: torch.Generator, record: bool,
+                progress: Progress | None = None) -> TrainedEpoch:
     """One pass over ``batches`` without reading anything back to the host (fp16's loss scaler aside, which checks
     for overflow each step): per-batch values stay on the device until the epoch ends. ``record``: keep them for
-    the train log."""
+    the train log; ``progress``: print rank 0's progress lines."""
     model.train()
     started = time.perf_counter()
+    if progress:
+        progress.start(epoch)
     device = next(model.parameters()).device
     trained = TrainedEpoch(torch.zeros(2, dtype=torch.float64, device=device), step)
     for batch in batches:
@@ -170,6 +214,8 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.opti
         trained.sums[0] += loss.detach().double() * len(x)
         trained.sums[1] += len(x)
         trained.step += 1
+        if progress:
+            progress.add(len(x))
         if record:
             trained.seconds.append(time.perf_counter() - started)
             trained.losses.append(loss.detach())
