@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -139,7 +140,8 @@ def test_prepare_train_and_predict_run_as_ray_jobs(head, tmp_path):
                            "--workers", "1", "--batch-size", "4", "--test-batch-size", "4", "--warmup-steps", "2",
                            "--no-progress")
     assert status == "SUCCEEDED", logs
-    assert "epoch 1/1" in logs and (run / "checkpoints" / "model_checkpoint_1.pt").is_file()
+    assert logs.count("epoch 1/1  train loss") == 1 and (run / "checkpoints" / "model_checkpoint_1.pt").is_file()
+    assert not re.search(r"\d E \d+ \d+\]", logs), logs  # no ERROR line of Ray's (the PreemptionWatcher's was one)
     assert "Reporting training result" not in logs  # Ray Train's INFO line per report: the epoch line says it
     status, logs = _submit(head, "pipelines/predict.py", "--checkpoint", str(run), str(raw / "images"), str(output),
                            "--size", "32", "--cpu", "--workers", "1")

@@ -23,6 +23,7 @@ from raypets.storage import Location
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"  # see fast_reports
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # see fast_reports
 # Ray Data logs an execution plan and a "finished" line for every pass over a dataset, from every Train worker and
 # split coordinator, which drowns the epoch lines: the worker processes of a local start log it at WARNING only
 # (the driver keeps its progress).
@@ -109,8 +110,13 @@ def fast_reports() -> None:
 
     The worker waits for that poll at each report, so the default added up to 2 s to every epoch (docs/
     benchmarks.md). The controller takes the variable from the environment of the process that calls ``fit()``
-    (this one), on local Ray and on a cluster alike; a value the user set is kept."""
+    (this one), on local Ray and on a cluster alike; a value the user set is kept.
+
+    Also leaves out Ray Train's preemption watcher unless the user asks for it: raypets' loop does not read the
+    preemption notices it forwards, and its actor makes every run print an ERROR line about its constructor
+    arguments (a preempted node then counts as one of ``--max-failures``)."""
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def object_store_bytes() -> float:
