@@ -1,4 +1,6 @@
-"""Connect to a Ray cluster or start local Ray; the one place that calls ``ray.init``."""
+"""What every stage shares of Ray: connecting to a cluster or starting local Ray (the one place that calls
+``ray.init``), Ray Data's context, resource shares, the storage filesystem Ray Train and Tune keep runs at (keys
+kept out of what they save), and giving a run's reserved CPUs back."""
 
 from __future__ import annotations
 
