@@ -43,7 +43,9 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_precision_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=default,
+    from raypets.precision import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default=default,
                         help="autocast of the forward pass (default auto: bf16, or fp16 where the GPU lacks it; "
                         "fp32 on a CPU)")
 

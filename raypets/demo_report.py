@@ -86,8 +86,7 @@ class Code:
 
 @dataclass(frozen=True)
 class Link:
-    path: Path
-    caption: str
+    target: str  # a file beside the report, by its relative path
 
 
 Block = Heading | Text | Table | Figure | Code | Link
@@ -194,7 +193,7 @@ def _model(folders: DemoFolders, summary: dict) -> list[Block]:
             Text(f"raypets export wrote the trained model for runtimes without raypets ({', '.join(exported['files'])}"
                  f"; uint8 RGB images of {exported['size'][0]}x{exported['size'][1]} in, softmax out); model.json "
                  "says what the files hold:"),
-            *(Link(folders.model / name, f"model/{name}") for name in files)]
+            *(Link(f"{folders.model.relative_to(folders.root).as_posix()}/{name}") for name in files)]
 
 
 def _timings(summary: dict) -> list[Block]:
@@ -243,8 +242,8 @@ def to_markdown(blocks: list[Block], root: Path) -> str:
                 parts.append(f"![{caption}]({path.relative_to(root).as_posix()})")
             case Code(text):
                 parts.append(f"```\n{text}\n```")
-            case Link(path, caption):
-                parts.append(f"- [{caption}]({path.relative_to(root).as_posix()})")
+            case Link(target):
+                parts.append(f"- [{target}]({target})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -267,7 +266,7 @@ def to_html(blocks: list[Block]) -> str:
                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
             case Code(text):
                 body.append(f"<pre><code>{html.escape(text)}</code></pre>")
-            case Link(path, caption):  # beside report.html: a link, not something the page loads
-                body.append(f'<p><a href="{html.escape(caption)}">{html.escape(caption)}</a></p>')
+            case Link(target):  # beside report.html: a link, not something the page loads
+                body.append(f'<p><a href="{html.escape(target)}">{html.escape(target)}</a></p>')
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>raypets demo</title>'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -225,10 +225,9 @@ def beside(location: Location, name: str) -> Location:
     if not is_uri(location):
         return Path(location).parent / name
     parts = urlsplit(location)
-    folder = PurePosixPath(parts.path.rstrip("/")).parent
     if not parts.path.strip("/"):
         raise UserError(f"{location}: name a folder in the bucket, not the bucket itself")
-    return urlunsplit(parts._replace(path=str(folder / name)))
+    return urlunsplit(parts._replace(path=str(PurePosixPath(parts.path.rstrip("/")).parent / name)))
 
 
 def replace_folder(source: str, target: str, *, last: str) -> None:
@@ -256,13 +255,6 @@ def remove(location: Location) -> None:
     with _errors(location):
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
-
-
-def remove_contents(location: Location) -> None:
-    """Delete everything under the folder ``location`` (the folder itself stays, if the store has folders)."""
-    fs, path = _open(location)
-    with _errors(location):
-        fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
 def _open(location: Location) -> tuple[pafs.FileSystem, str]:

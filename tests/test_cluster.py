@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -80,23 +81,39 @@ def test_the_schema_check_catches_a_broken_cluster_yaml():
         _launcher_config(config)
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A real Ray head on loopback with its own temp dir, HOME and ports; only its own processes are stopped."""
+@contextlib.contextmanager
+def _loopback_head(num_cpus: int) -> Iterator[dict]:
+    """A real Ray head on loopback with its own temp dir, HOME and ports; afterwards only its own processes (and
+    its nodes') are stopped. Yields ``env`` (for the ray CLI), ``address`` (the dashboard's, for jobs), ``gcs``,
+    ``temp`` and ``node_args`` (what another node started beside it needs)."""
     temp = Path(tempfile.mkdtemp(prefix="rph-", dir="/tmp"))
     (temp / "home").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(temp / "home"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    gcs, dashboard, client, agent, agent_grpc, metrics = free_ports(6)
-    subprocess.run(
-        ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-         f"--temp-dir={temp / 'ray'}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120)
-    yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "temp": temp}
-    _stop_processes_under(temp)
-    shutil.rmtree(temp, ignore_errors=True)
+    gcs, dashboard, client, *agent = free_ports(6)
+    node_args = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"]
+    subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", *_agent_args(*agent),
+                    *node_args], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "gcs": gcs, "temp": temp,
+               "node_args": node_args}
+    finally:
+        _stop_processes_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _agent_args(agent: int, agent_grpc: int, metrics: int) -> list[str]:
+    """The ports of a node's dashboard agent and metrics (each node on this machine needs its own)."""
+    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A real Ray head on loopback with 4 CPUs."""
+    with _loopback_head(num_cpus=4) as started:
+        yield started
 
 
 def _stop_processes_under(temp: Path) -> None:
@@ -156,26 +173,14 @@ def split_disks(tmp_path):
     namespace): what the worker writes there, the head does not see, as with node-local disks on a cluster."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
         pytest.skip("needs `unshare --mount` (util-linux, and the right to make a mount namespace) for a local disk")
-    temp = Path(tempfile.mkdtemp(prefix="rps-", dir="/tmp"))
-    (temp / "home").mkdir()
     (tmp_path / "disk").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(temp / "home"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    gcs, dashboard, client, *ports = free_ports(9)
-    common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"]
-    subprocess.run(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-                    f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
-                    f"--metrics-export-port={ports[2]}", *common],
-                   env=env, check=True, capture_output=True, timeout=120)
-    worker = shlex.join(["ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4", "--block",
-                         f"--dashboard-agent-listen-port={ports[3]}", f"--dashboard-agent-grpc-port={ports[4]}",
-                         f"--metrics-export-port={ports[5]}", *common])
-    subprocess.Popen(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path / 'disk'} && exec {worker}"],
-                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "temp": temp}
-    _stop_processes_under(temp)
-    shutil.rmtree(temp, ignore_errors=True)
+    with _loopback_head(num_cpus=0) as started:
+        worker = shlex.join(["ray", "start", f"--address=127.0.0.1:{started['gcs']}", "--num-cpus=4", "--block",
+                             *_agent_args(*free_ports(3)), *started["node_args"]])
+        own_disk = f"mount -t tmpfs tmpfs {tmp_path / 'disk'} && exec {worker}"
+        subprocess.Popen(["unshare", "--mount", "sh", "-c", own_disk], env=started["env"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+        yield started
 
 
 def test_prepare_into_a_folder_only_its_tasks_node_sees_fails_and_says_why(split_disks, tmp_path):

@@ -84,7 +84,7 @@ def test_text_files_folders_and_their_copies_round_trip(bucket, tmp_path):
     mtime = (copy / "a.txt").stat().st_mtime_ns
     assert storage.cached(storage.join(folder, "a.txt")).read_text() == "hello\n"
     assert storage.cached(folder) == copy and (copy / "a.txt").stat().st_mtime_ns == mtime  # unchanged: kept
-    storage.remove_contents(folder)
+    storage.remove(folder)
     storage.write_text(storage.join(folder, "c.txt"), "c")
     assert [p.name for p in storage.cached(folder).iterdir()] == ["c.txt"]  # a fresh copy: nothing stale
     assert not [p for p in copy.parent.iterdir() if p.name.startswith(".")]  # no half-filled entry left

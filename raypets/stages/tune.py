@@ -205,7 +205,8 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(redact(rows))
+    shown = redact(rows)  # rows keep the keys the checkpoints are read with; what is written and returned does not
+    writer.writerows(shown)
     storage.write_text(storage.join(run_dir, "trials.csv"), table.getvalue())
     scored = [r for r in rows if not math.isnan(r[sweep.metric])]
     if scored:
@@ -213,11 +214,10 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
             plot = plot_metric_vs_lr([(r["lr"], r[sweep.metric], r["stopped_early"]) for r in scored], sweep.metric,
                                      Path(folder, f"{sweep.metric}_vs_lr.png"))
             storage.upload(plot, storage.join(run_dir, plot.name))
-    best = _write_best(scored[0], sweep, run_dir) if scored else None
-    rows = redact(rows)
-    return {"rows": rows, "best": best, "table": format_trials(rows, columns[:-1]),
-            "errors": [(r["trial_id"], r["error"]) for r in rows if r["status"] == "error"],
-            "unfinished": [r["trial_id"] for r in rows if r["status"] == "unfinished"]}
+    return {"rows": shown, "best": _write_best(scored[0], sweep, run_dir) if scored else None,
+            "table": format_trials(shown, columns[:-1]),
+            "errors": [(r["trial_id"], r["error"]) for r in shown if r["status"] == "error"],
+            "unfinished": [r["trial_id"] for r in shown if r["status"] == "unfinished"]}
 
 
 def _rank_key(value: float, mode: str) -> tuple:
