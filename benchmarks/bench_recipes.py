@@ -1,9 +1,14 @@
-"""Does the default recipe collapse? 5 seeds of ``--recipe robust`` against the tutorial's literal recipe.
+"""Which recipe should be the default? ``tutorial``, ``robust`` and ``strong`` over 5 seeds, at two data sizes.
 
-    python benchmarks/bench_recipes.py [--n 300] [--size 64] [--epochs 4] [--seeds 5] [--write-docs]
+    python benchmarks/bench_recipes.py [--sizes demo,quality] [--recipes tutorial,robust,strong] [--seeds 5]
+                                       [--write-docs]
 
-Each run is ``raypets train`` with 2 CPU workers on the same synthetic shards; a run collapses when its test
-predictions are all one class (the epoch line says COLLAPSED).
+Sizes: ``demo`` is ``raypets demo``'s synthetic set (400 images at 192x144, prepared at 64 px, 15% test, 12 epochs,
+global batch 16, 20 warm-up steps); ``quality`` is bench_quality's (600 images at 320x240, 96 px, 10% test, 12
+epochs, batch 16). Every run is ``raypets train`` with 2 CPU workers, lr 1e-3, on the same shards per size, so the
+recipes get the same epochs, and the table gives each run's minutes: the same wall-clock budget within the noise of
+this machine. A run collapses when its last test prediction is all one class. The default may become ``strong``
+only if it beats ``robust`` in mean and in worst seed, with no collapse (issue 19).
 """
 
 from __future__ import annotations
@@ -11,76 +16,103 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 
 from docs_section import machine, write_section
 
-SECTION = "## Train: the default recipe against the tutorial's literal one (`benchmarks/bench_recipes.py`)"
+SECTION = "## Train: the recipes over 5 seeds at two data sizes (`benchmarks/bench_recipes.py`)"
+SIZES = {  # synth images, their (width, height), network size, test fraction, epochs, warm-up steps
+    "demo": {"n": 400, "raw": (192, 144), "size": 64, "test_fraction": 0.15, "epochs": 12, "warmup_steps": 20},
+    "quality": {"n": 600, "raw": (320, 240), "size": 96, "test_fraction": 0.1, "epochs": 12, "warmup_steps": 100},
+}
+BATCH = 16
+
+
+def run_size(root: Path, name: str, recipes: list[str], seeds: int) -> list[dict]:
+    """Every recipe and seed at size ``name``: one row per run with its final metrics and minutes."""
+    from raypets.config import RECIPES, TrainConfig
+    from raypets.data.synth import synthesize
+    from raypets.runlog import read_metrics
+    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.stages.train import train
+
+    size = SIZES[name]
+    synthesize(root / name / "raw", n=size["n"], size=size["raw"], seed=0)
+    shards = root / name / "shards"
+    prepare(PrepareConfig(root / name / "raw", shards, size=(size["size"], size["size"]),
+                          test_fraction=size["test_fraction"]))
+    rows = []
+    for recipe in recipes:
+        for seed in range(seeds):
+            run = root / name / f"{recipe}-{seed}"
+            started = time.perf_counter()
+            train(TrainConfig(data=shards, run_dir=run, workers=2, batch_size=BATCH, test_batch_size=2 * BATCH,
+                              checkpoint_every=size["epochs"], progress_every=0, seed=seed,
+                              **{**RECIPES[recipe], "epochs": size["epochs"], "warmup_steps": size["warmup_steps"]
+                                 if recipe != "tutorial" else 0}))
+            history = read_metrics(run)
+            rows.append({"size": name, "recipe": recipe, "seed": seed, "history": history,
+                         "minutes": (time.perf_counter() - started) / 60})
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| size | recipe | seed | test mean Dice per epoch | final pet / background / border | min |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        last = row["history"][-1]
+        per_class = " / ".join(f"{last[f'dice_{c}'] or 0:.3f}" for c in ("pet", "background", "border"))
+        curve = " ".join(f"{m['mean_dice']:.3f}" for m in row["history"])
+        lines.append(f"| {row['size']} | {row['recipe']} | {row['seed']} | {curve}"
+                     f"{' (collapsed)' if last['collapsed'] else ''} | {per_class} | {row['minutes']:.1f} |")
+    return lines
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = ["| size | recipe | final mean Dice (mean ± sd) | worst seed | best seed | collapsed | minutes per run |",
+             "|---|---|---|---|---|---|---|"]
+    for size in dict.fromkeys(row["size"] for row in rows):
+        for recipe in dict.fromkeys(row["recipe"] for row in rows):
+            runs = [row for row in rows if (row["size"], row["recipe"]) == (size, recipe)]
+            if not runs:
+                continue
+            finals = [row["history"][-1]["mean_dice"] for row in runs]
+            collapsed = sum(bool(row["history"][-1]["collapsed"]) for row in runs)
+            lines.append(f"| {size} | {recipe} | **{statistics.mean(finals):.3f}** ± {statistics.pstdev(finals):.3f} "
+                         f"| {min(finals):.3f} | {max(finals):.3f} | {collapsed} of {len(runs)} | "
+                         f"{statistics.mean(row['minutes'] for row in runs):.1f} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=300)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--sizes", default="demo,quality")
+    parser.add_argument("--recipes", default="tutorial,robust,strong")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
     import ray
 
-    from raypets.config import RECIPES, TrainConfig
-    from raypets.data.synth import synthesize
-    from raypets.runlog import read_metrics
-    from raypets.stages.prepare import PrepareConfig, prepare
+    from raypets.config import RECIPES
     from raypets.stages.runtime import set_progress_bars
-    from raypets.stages.train import train
 
+    sizes, recipes = args.sizes.split(","), args.recipes.split(",")
+    started = machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        synthesize(root / "raw", n=args.n, size=(4 * args.size, 3 * args.size), seed=0)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         set_progress_bars(False)
-        prepare(PrepareConfig(root / "raw", root / "shards", size=(args.size, args.size), test_fraction=0.15))
-        for recipe in ("robust", "tutorial"):
-            for seed in range(args.seeds):
-                run = root / f"{recipe}-{seed}"
-                train(TrainConfig(data=root / "shards", run_dir=run, workers=2, batch_size=args.batch,
-                                  test_batch_size=args.batch, epochs=args.epochs, checkpoint_every=args.epochs,
-                                  seed=seed, **RECIPES[recipe]))
-                history = read_metrics(run)
-                rows.append((recipe, seed, history))
+        for size in sizes:
+            rows += run_size(Path(tmp), size, recipes, args.seeds)
         ray.shutdown()
-
-    lines = ["| recipe | seed | test mean Dice per epoch | final Dice pet / background / border | collapsed epochs |",
-             "|---|---|---|---|---|"]
-    summary = []
-    for recipe in ("robust", "tutorial"):
-        finals, collapsed_runs = [], 0
-        for name, seed, history in rows:
-            if name != recipe:
-                continue
-            last = history[-1]
-            collapsed = [m["epoch"] for m in history if m["collapsed"]]
-            collapsed_runs += bool(last["collapsed"])
-            finals.append(last["mean_dice"])
-            per_class = " / ".join(f"{last[f'dice_{c}'] or 0:.3f}" for c in ("pet", "background", "border"))
-            curve = " ".join(f"{m['mean_dice']:.3f}" for m in history)
-            lines.append(f"| {recipe} | {seed} | {curve} | "
-                         f"{per_class} | {', '.join(map(str, collapsed)) or 'none'} |")
-        summary.append(f"- `{recipe}`: final test mean Dice {statistics.mean(finals):.3f} ± "
-                       f"{statistics.pstdev(finals):.3f} (min {min(finals):.3f}, max {max(finals):.3f}); "
-                       f"{collapsed_runs} of {len(finals)} runs end collapsed.")
-    text = (f"{SECTION}\n\n{date.today().isoformat()}, {machine()}, 2 CPU workers; "
-            f"`python benchmarks/bench_recipes.py --n {args.n} --size {args.size} --epochs {args.epochs} "
-            f"--batch {args.batch} --seeds {args.seeds}`. robust = LR "
-            f"warm-up {RECIPES['robust']['warmup_steps']} steps + BN momentum {RECIPES['robust']['bn_momentum']}; "
-            f"tutorial = no warm-up + BN momentum {RECIPES['tutorial']['bn_momentum']} (Keras 0.99). Both: RMSprop "
-            f"lr 1e-3, Dice on softmax, 0–255 inputs, global batch {args.batch}.\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(summary) + "\n")
+    recipes_text = "; ".join(f"`{name}` = {RECIPES[name]}" for name in recipes)
+    text = (f"{SECTION}\n\n{date.today().isoformat()}, {started}, 2 CPU workers; `python benchmarks/bench_recipes.py "
+            f"--sizes {args.sizes} --recipes {args.recipes} --seeds {args.seeds}`. RMSprop lr 1e-3, Dice on softmax, "
+            f"0–255 inputs, global batch {BATCH}; the warm-up steps of each size for robust and strong (tutorial: "
+            f"none). {recipes_text}.\n\n" + "\n".join(summary(rows)) + "\n\n" + "\n".join(table(rows)) + "\n")
     print(text)
     if args.write_docs:
         write_section(SECTION, text)

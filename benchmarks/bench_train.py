@@ -42,7 +42,7 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int, device: str 
     model = build_network(3, cfg.network, cfg.bn_momentum).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     loss_fn = make_loss(cfg.loss, check_values=False)
-    step, rates = 0, []
+    step, rates, steps_per_epoch = 0, [], cfg.steps_per_epoch(len(inputs))
     for epoch in range(1, epochs + 1):
         model.train()
         start = time.perf_counter()
@@ -51,7 +51,7 @@ def plain_loop(shards: Path, batch: int, epochs: int, threads: int, device: str 
             index = order[first: first + batch]
             x, y = inputs[index].contiguous(memory_format=torch.channels_last), masks[index]
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step, epoch)
+                group["lr"] = cfg.lr_at(step, epoch, steps_per_epoch)
             with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=gpu):
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,21 @@ def _local(text: str) -> Path:
     return Path(text)
 
 
+def _lr_schedule(text: str) -> dict:
+    """``cosine`` or a JSON object such as ``{"type": "step", "step_size": 10, "gamma": 0.1}``."""
+    try:
+        return json.loads(text) if text.lstrip().startswith("{") else {"type": text}
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not a schedule name nor a JSON object: {err}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
@@ -156,7 +171,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_output_file(out, args.overwrite)  # before the work, not after it
     set_progress_bars(not args.no_progress)
     result = evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device or "auto", precision=args.precision, address=args.address)
+                      device=args.device or "auto", precision=args.precision, tta=args.tta, address=args.address)
     print(format_metrics(result))
     write_json(result, out, overwrite=True)
     print(f"wrote {out}")
@@ -178,7 +193,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     if args.space is not None and args.data is not None:
         sweep = load_sweep(args.space, args.data, samples=args.samples, workers=args.workers_per_trial,
-                           gpus_per_worker=args.gpus_per_worker)
+                           gpus_per_worker=args.gpus_per_worker, tracking=args.tracking)
     elif args.resume and args.space is None and args.data is None:
         sweep = saved_sweep(args.run_dir)
     else:
@@ -224,16 +239,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from raypets.stages.serve import ServeConfig, serve_until_interrupted
+
+    cfg = ServeConfig(checkpoint=args.checkpoint, port=args.port, host=args.host, replicas=args.replicas,
+                      device=args.device or "auto", max_batch=args.max_batch, size=args.size)
+
+    def ready(summary: dict) -> None:
+        print(f"serving {summary['checkpoint']} at {summary['url']} ({summary['device']}, up to "
+              f"{summary['replicas']} replica(s), batches of up to {summary['max_batch']}): POST /segment, "
+              "GET /healthz, the page at GET /; Ctrl+C stops", flush=True)
+
+    serve_until_interrupted(cfg, address=args.address, ready=ready)
+    print("raypets serve: stopped", flush=True)
+    return 0
+
+
 _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "precision", "sync_bn", "compile", "data_cache", "epochs",
                 "batch_size", "test_batch_size", "lr", "optimizer", "loss", "warmup_steps", "bn_momentum", "hflip",
-                "vflip", "network", "checkpoint_every", "keep", "progress_every", "max_failures", "resume", "overwrite",
-                "seed", "name"}
+                "vflip", "crop_scale", "rotate", "color_jitter", "weight_decay", "class_weights", "lr_scheduler",
+                "network", "checkpoint_every", "keep", "progress_every", "max_failures", "resume", "overwrite",
+                "seed", "name", "tracking"}
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     from raypets.config import DATA_CACHES, RECIPES
     from raypets.losses import LOSSES
-    from raypets.optim import OPTIMIZERS
+    from raypets.optim import LR_SCHEDULES, OPTIMIZERS
     from raypets.precision import PRECISIONS
 
     parser.add_argument("--config", type=_local, help="an rmldnn training config; flags override it")
@@ -261,13 +293,26 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-batch-size", type=int, help="global test batch (default 128)")
     parser.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default rmsprop (torch defaults)")
+    parser.add_argument("--weight-decay", type=float,
+                        help="the optimizer's weight decay (default: its own, AdamW 0.01)")
+    parser.add_argument("--lr-schedule", dest="lr_scheduler", type=_lr_schedule, metavar="SCHEDULE",
+                        help=f"after the warm-up: {', '.join(LR_SCHEDULES)}; one with settings as JSON, e.g. "
+                        "'{\"type\": \"poly\", \"power\": 0.9}' (default: constant)")
     parser.add_argument("--loss", choices=LOSSES, help="default dice (on softmax)")
+    parser.add_argument("--class-weights", type=_floats, metavar="W,W,W",
+                        help="per-class loss weights, in the data's class order (default: equal)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="robust",
-                        help="robust (default: LR warm-up, BN momentum 0.1) or tutorial (literal rmldnn recipe)")
+                        help="robust (default: LR warm-up, BN momentum 0.1), strong (robust with augmentation and a "
+                        "cosine LR) or tutorial (literal rmldnn recipe)")
     parser.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps (robust: 100, tutorial: 0)")
     parser.add_argument("--bn-momentum", type=float, help="torch BatchNorm momentum (robust: 0.1, tutorial: 0.01)")
     parser.add_argument("--hflip", type=float, help="random horizontal flip probability (default 0)")
     parser.add_argument("--vflip", type=float, help="random vertical flip probability (default 0)")
+    parser.add_argument("--crop-scale", type=float, metavar="SHARE",
+                        help="random resized crop keeping at least this share of the area (default 1: none)")
+    parser.add_argument("--rotate", type=float, metavar="DEGREES", help="random rotation up to this (default 0)")
+    parser.add_argument("--color-jitter", type=float, metavar="STRENGTH",
+                        help="brightness, contrast and saturation each scaled by up to 1 +- this (default 0)")
     parser.add_argument("--network", type=_local, help="Keras JSON network (default: the built-in XceptionUNet)")
     parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
     parser.add_argument("--keep", type=int,
@@ -281,7 +326,16 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="replace the logs and checkpoints another run left in --run-dir (e.g. rmldnn's)")
     parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--name", help="prefix of the text logs (default raypets)")
+    _add_tracking_arg(parser, "RUN/tensorboard/", "one MLflow run in $MLFLOW_TRACKING_URI (default RUN/mlflow.db)")
     _add_ray_args(parser)
+
+
+def _add_tracking_arg(parser: argparse.ArgumentParser, tensorboard: str, mlflow: str) -> None:
+    from raypets.tracking import TRACKERS
+
+    parser.add_argument("--tracking", action="append", choices=TRACKERS,
+                        help=f"log the settings and each epoch's metrics: tensorboard (event files in {tensorboard}), "
+                        f"mlflow ({mlflow}; needs raypets[tracking]); repeat for both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,8 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "0.25: one-worker trials share a GPU, four on each (default: GPUs when the cluster has them)")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep in --run-dir; retry failed trials")
+    _add_tracking_arg(sweep, "RUN/trials/<trial>/tensorboard/",
+                      "an MLflow run per trial in $MLFLOW_TRACKING_URI (default RUN/mlflow.db)")
     _add_ray_args(sweep)
     sweep.set_defaults(func=_tune)
+
+    from raypets.inference import TTA
 
     score = commands.add_parser("evaluate", help="a checkpoint's per-class metrics over a prepared split (Ray Data)")
     score.add_argument("--checkpoint", required=True, type=storage.parse, help="model_checkpoint_<epoch>.pt, a Ray "
@@ -383,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     score.add_argument("--batch-size", type=int, default=32)
     score.add_argument("--workers", type=int, default=1, help="model actors (one GPU each with --gpu)")
+    score.add_argument("--tta", choices=TTA, default="none",
+                       help="test-time augmentation: flip averages each prediction with that of the mirrored image")
     _add_precision_arg(score, default="auto")
     _add_device_args(score)
     _add_ray_args(score)
@@ -407,6 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="network input, N or WIDTHxHEIGHT, multiples of 16 (default 160); fixed in the files")
     ship.add_argument("--overwrite", action="store_true", help="replace the output of an earlier raypets export")
     ship.set_defaults(func=_export)
+
+    host = commands.add_parser("serve", help="the model behind HTTP on Ray Serve: POST an image, get its mask; a "
+                               "page to try it")
+    host.add_argument("--checkpoint", required=True, type=storage.parse, help="model_checkpoint_<epoch>.pt, a Ray "
+                      "checkpoint folder, a run folder or a sweep's best.json, local or at a URI")
+    host.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    host.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    host.add_argument("--replicas", type=int, default=1, help="autoscale from 1 up to N model replicas (default 1)")
+    _add_device_args(host)
+    host.add_argument("--max-batch", type=int, default=16, help="requests batched into one forward pass (default 16)")
+    host.add_argument("--size", type=_size, default=(160, 160),
+                      help="network input, N or WIDTHxHEIGHT, multiples of 16 (default 160), as predict's --size")
+    host.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start local Ray)")
+    host.set_defaults(func=_serve)
 
     demo = commands.add_parser("demo", help="the whole pipeline on Ray in one command, with a Markdown/HTML report")
     demo.add_argument("--out", type=_local, default=Path("demo"), help="fresh folder for everything (default demo)")

@@ -3,25 +3,31 @@ no I/O here: the files the settings name are checked by the stage that reads the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from raypets import storage
+from raypets.augment import Augmentation
 from raypets.errors import UserError
 from raypets.losses import LOSSES
 from raypets.optim import OPTIMIZERS, check_lr_schedule, learning_rate
 from raypets.precision import PRECISIONS
 from raypets.storage import Location
+from raypets.tracking import check_names
 
 DEVICES = ("auto", "cpu", "gpu")
 DATA_CACHES = ("auto", "memory", "stream")
 
 # Where the default recipe deviates from the tutorial's literal one, and why (README "Training"): a linear LR
 # warm-up stops the Dice loss collapsing to all-background early, and torch's BN momentum keeps the running
-# statistics close enough that eval-mode predictions are not blank for the first epochs.
+# statistics close enough that eval-mode predictions are not blank for the first epochs. ``strong`` adds
+# augmentation (raypets.augment) and a cosine decay of the LR; docs/benchmarks.md compares the three.
 RECIPES = {
     "robust": {"warmup_steps": 100, "bn_momentum": 0.1},
     "tutorial": {"warmup_steps": 0, "bn_momentum": 0.01},
+    "strong": {"warmup_steps": 100, "bn_momentum": 0.1, "hflip": 0.5, "crop_scale": 0.5, "rotate": 10.0,
+               "color_jitter": 0.2, "lr_scheduler": {"type": "cosine"}},
 }
 
 
@@ -53,10 +59,15 @@ class TrainConfig:
     loss: str = "dice"
     loss_source: str = "softmax"
     lr_scheduler: dict | None = None
+    weight_decay: float | None = None  # None: the optimizer's own default (AdamW 0.01, the others 0)
+    class_weights: list[float] | None = None  # per class, for the loss (Dice, cross-entropy or both)
     warmup_steps: int = RECIPES["robust"]["warmup_steps"]
     bn_momentum: float = RECIPES["robust"]["bn_momentum"]
     hflip: float = 0.0
     vflip: float = 0.0
+    crop_scale: float = 1.0  # random resized crop: the smallest share of the area kept (1: none)
+    rotate: float = 0.0  # random rotation up to this many degrees
+    color_jitter: float = 0.0  # brightness, contrast, saturation each scaled by up to 1 +- this
     normalize_mean: float = 0.0
     normalize_std: float = 1 / 255
     network: Path | None = None
@@ -64,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int = 5
     keep: int | None = None
     progress_every: float = 30.0  # seconds between rank 0's progress lines within an epoch; 0: none
+    tracking: list[str] = field(default_factory=list)  # raypets.tracking.TRACKERS rank 0 logs to
     max_failures: int = 2
     resume: bool = False
     overwrite: bool = False  # replace logs and checkpoints of another run in run_dir (not a Ray run: --resume)
@@ -94,6 +106,14 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (0.0 <= self.bn_momentum <= 1.0, f"--bn-momentum must be in [0, 1], got {self.bn_momentum}"),
             (0.0 <= self.hflip <= 1.0 and 0.0 <= self.vflip <= 1.0, "flip probabilities must be in [0, 1]"),
+            (0.0 < self.crop_scale <= 1.0, f"--crop-scale must be in (0, 1], got {self.crop_scale}"),
+            (0.0 <= self.rotate <= 180.0, f"--rotate must be in [0, 180] degrees, got {self.rotate}"),
+            (0.0 <= self.color_jitter < 1.0, f"--color-jitter must be in [0, 1), got {self.color_jitter}"),
+            (self.weight_decay is None or self.weight_decay >= 0,
+             f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.class_weights is None or (len(self.class_weights) > 0 and min(self.class_weights) >= 0
+                                            and sum(self.class_weights) > 0),
+             f"--class-weights must be non-negative with a positive sum, got {self.class_weights}"),
             (self.normalize_std > 0, f"normalize std must be positive, got {self.normalize_std}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
             (self.keep is None or self.keep >= 1, f"--keep must be at least 1, got {self.keep}"),
@@ -105,10 +125,21 @@ class TrainConfig:
                 raise UserError(message)
         if self.lr_scheduler is not None:
             check_lr_schedule(self.lr_scheduler)
+        check_names(self.tracking)
 
-    def lr_at(self, step: int, epoch: int) -> float:
-        """The learning rate at global ``step`` (0-based) of ``epoch`` (1-based)."""
-        return learning_rate(self.lr, self.warmup_steps, self.lr_scheduler, step, epoch)
+    def lr_at(self, step: int, epoch: int, steps_per_epoch: int) -> float:
+        """The learning rate at global ``step`` (0-based) of ``epoch`` (1-based); the warm-up lasts at most one
+        epoch of ``steps_per_epoch`` steps (tiny data would otherwise warm up for several epochs)."""
+        warmup = min(self.warmup_steps, steps_per_epoch)
+        return learning_rate(self.lr, warmup, self.lr_scheduler, step, epoch, self.epochs)
+
+    def steps_per_epoch(self, train_images: int) -> int:
+        """Optimizer steps in an epoch of ``train_images``: each worker has an equal share, in batches of its
+        share of the global batch."""
+        return max(1, math.ceil(train_images // self.workers / (self.batch_size // self.workers)))
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.hflip, self.vflip, self.crop_scale, self.rotate, self.color_jitter)
 
     def absolute(self) -> TrainConfig:
         """The same settings with absolute paths: Ray Train runs its workers in another folder."""

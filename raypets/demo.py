@@ -1,9 +1,10 @@
 """``raypets demo``: the whole pipeline on Ray in one command, every stage a call of its public function, timed.
 
-synth (unless ``--data``) -> prepare -> train -> a learning-rate sweep -> evaluate -> predict over the test images ->
-the input | prediction | ground truth grid -> export (ONNX and TorchScript) -> ``report.md`` and ``report.html``,
-all in one fresh folder laid out as :class:`raypets.demo_report.DemoFolders` says. Each stage also gives its
-equivalent ``raypets`` command for the report.
+synth (unless ``--data``) -> prepare -> a learning-rate sweep of short trials -> training the winner's settings
+(``raypets train --from best.json``) for the full epochs -> evaluate -> predict over the test images -> the input |
+overlay | prediction | ground truth grid -> export (ONNX and TorchScript) -> ``report.md`` and ``report.html``, all
+in one fresh folder laid out as :class:`raypets.demo_report.DemoFolders` says. Each stage also gives its equivalent
+``raypets`` command for the report.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from raypets.config import TrainConfig
+from raypets.config import RECIPES, TrainConfig, saved_settings
 from raypets.data.synth import synthesize
 from raypets.demo_report import DemoFolders, write_report
 from raypets.errors import UserError
@@ -40,6 +41,7 @@ from raypets.sweep_config import load_sweep
 LOCAL_CPUS = max(4, os.cpu_count() or 1)
 DEVICE_FLAGS = {"auto": [], "cpu": ["--cpu"], "gpu": ["--gpu"]}
 GPUS_PER_WORKER = {"auto": None, "cpu": 0, "gpu": 1}
+CHECKPOINT_EVERY = 4  # epochs, in the training run
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,12 @@ class Settings:
     sweep_epochs: int
     rows: int  # samples in the grid
     workers: int | None = None  # Ray Train workers unless --workers says; None: one per GPU, else 2
+    recipe: str = "robust"  # raypets train --recipe
 
     def training(self) -> dict:
-        """The TrainConfig settings of the run (the sweep's trials take them too, with their own epochs)."""
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "test_batch_size": self.test_batch_size,
-                "warmup_steps": self.warmup_steps}
+        """The TrainConfig settings of the sweep's trials (the run trains the winner's for ``epochs``)."""
+        return {**RECIPES[self.recipe], "epochs": self.sweep_epochs, "batch_size": self.batch_size,
+                "test_batch_size": self.test_batch_size, "warmup_steps": self.warmup_steps}
 
 
 QUICK = Settings(images=24, raw_size=(64, 48), size=32, test_fraction=0.25, epochs=2, batch_size=8, test_batch_size=8,
@@ -178,18 +181,18 @@ def _prepare(demo: _Demo) -> list:
 
 
 def _train(demo: _Demo) -> list:
-    folders = demo.folders
-    final = train(TrainConfig(data=folders.shards, run_dir=folders.run, workers=demo.workers, device=demo.device,
-                              **demo.settings.training()))
+    """The sweep's winner, trained for the demo's epochs: what ``raypets train --from best.json`` does."""
+    folders, best = demo.folders, demo.folders.sweep / "best.json"
+    flags = {"epochs": demo.settings.epochs, "checkpoint_every": CHECKPOINT_EVERY}  # a trial checkpoints every epoch
+    final = train(TrainConfig.from_dict({**saved_settings(best), "run_dir": folders.run, **flags}))
     print(f"finished epoch {final['epoch']}: test mean Dice {final['mean_dice']:.4f}")
-    return ["train", "--data", folders.shards, "--run-dir", folders.run, "--workers", demo.workers,
-            *DEVICE_FLAGS[demo.device], *_flags(demo.settings.training()), *_address(demo.address)]
+    return ["train", "--from", best, "--run-dir", folders.run, *_flags(flags), *_address(demo.address)]
 
 
 def _tune(demo: _Demo) -> list:
     folders, settings = demo.folders, demo.settings
     spec = {"metric": "mean_dice", "mode": "max", "samples": 1, "scheduler": {"type": "fifo"},
-            "train": {**settings.training(), "epochs": settings.sweep_epochs},
+            "train": {**settings.training(), "device": demo.device},
             "space": {"lr": {"grid": list(settings.sweep_lrs)}}}
     folders.sweep_file.write_text("# raypets demo's learning-rate sweep: every trial runs to the end (FIFO)\n"
                                  + yaml.safe_dump(spec, sort_keys=False))
@@ -237,5 +240,5 @@ def _show(demo: _Demo) -> list:
 
 
 STAGES: list[tuple[str, Callable[[_Demo], list]]] = [
-    ("synth", _synth), ("prepare", _prepare), ("train", _train), ("tune", _tune), ("evaluate", _evaluate),
+    ("synth", _synth), ("prepare", _prepare), ("tune", _tune), ("train", _train), ("evaluate", _evaluate),
     ("predict", _predict), ("show", _show), ("export", _export)]

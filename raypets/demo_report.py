@@ -35,7 +35,7 @@ class DemoFolders:
     sweep: Path  # the sweep's run folder
     evaluation: Path  # raypets evaluate's JSON
     predictions: Path  # raypets predict's output
-    grid: Path  # input | prediction | ground truth
+    grid: Path  # input | overlay | prediction | ground truth
     model: Path  # raypets export's files
     summary: Path  # demo.json: settings, timings, commands
     markdown: Path
@@ -105,8 +105,8 @@ def build(folders: DemoFolders) -> list[Block]:
     summary = json.loads(folders.summary.read_text())
     manifest = json.loads((folders.shards / "manifest.json").read_text())
     evaluation = json.loads(folders.evaluation.read_text())
-    return [*_overview(summary, evaluation, manifest), *_dataset(manifest), *_training(folders.run),
-            *_test_metrics(evaluation, manifest), *_sweep(folders), *_predictions(folders, summary),
+    return [*_overview(summary, evaluation, manifest), *_dataset(manifest), *_sweep(folders), *_training(folders.run),
+            *_test_metrics(evaluation, manifest), *_predictions(folders, summary),
             *_model(folders, summary), *_timings(summary), *_reproduce(summary)]
 
 
@@ -181,9 +181,10 @@ def _predictions(folders: DemoFolders, summary: dict) -> list[Block]:
     predicted = summary["predict"]
     return [Heading("Predictions"),
             Text(f"raypets predict wrote {predicted['written']} test image(s) into {folders.predictions} "
-                 f"({sum(predicted['skipped'].values())} skipped). Each row: input | prediction | ground truth, "
-                 "class ids 0 pet, 1 background, 2 border."),
-            Figure(folders.grid, "input | prediction | ground truth")]
+                 f"({sum(predicted['skipped'].values())} skipped). Each row: input | prediction overlaid on it | "
+                 "prediction | ground truth, class ids 0 pet (black), 1 background (gray), 2 border (white); in the "
+                 "overlay pet red, border yellow."),
+            Figure(folders.grid, "input | overlay | prediction | ground truth")]
 
 
 def _model(folders: DemoFolders, summary: dict) -> list[Block]:

@@ -1,13 +1,15 @@
-"""A loaded model placed for inference: the one forward pass that ``evaluate`` and ``predict`` actors share, and
-class-id masks at an image's own size. No Ray here."""
+"""A loaded model placed for inference: the one forward pass that ``evaluate`` and ``predict`` actors and ``serve``
+replicas share, class-id masks at an image's own size, their PNG bytes and class fractions. No Ray here."""
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional
 
@@ -40,6 +42,10 @@ class ModelRunner:
         with torch.inference_mode(), self.precision.autocast():
             return self.model(x)
 
+    def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """The softmax (N, C, H, W), float32 on the model's device, of uint8 (N, H, W, 3) images."""
+        return torch.softmax(self.logits(images).float(), dim=1)
+
 
 def full_size_mask(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Class ids (H, W) uint8 at ``size`` (height, width) from the probabilities (C, h, w) at network resolution:
@@ -48,3 +54,39 @@ def full_size_mask(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(probs.shape[1:]) != tuple(size):
         probs = functional.interpolate(probs[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     return probs.argmax(0).to(torch.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A mask or an image as PNG bytes (fast compression): the files ``predict --masks`` writes, ``serve`` answers."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def class_fractions(mask: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """The share of ``mask``'s pixels of each class, by name (they add up to 1)."""
+    counts = np.bincount(mask.ravel(), minlength=len(classes))
+    return {name: float(count / mask.size) for name, count in zip(classes, counts, strict=True)}
+
+
+TTA = ("none", "flip")  # test-time augmentation: none, or the average with the left-right mirrored image
+
+
+def tta_probabilities(runner: ModelRunner, images: np.ndarray, tta: str = "none") -> torch.Tensor:
+    """``runner``'s softmax of uint8 (N, H, W, 3) ``images``; ``tta="flip"`` averages it with the softmax of the
+    images mirrored left-right (mirrored back)."""
+    probs = runner.probabilities(images)
+    if tta == "flip":
+        probs = (probs + runner.probabilities(np.ascontiguousarray(images[:, :, ::-1])).flip(-1)) / 2
+    return probs
+
+
+# Overlay colours by class id (background left untinted).
+PALETTE = np.array([(255, 64, 32), (32, 96, 255), (255, 224, 0), (0, 200, 80), (200, 0, 200), (0, 200, 200)], np.uint8)
+
+
+def overlay(pixels: np.ndarray, mask: np.ndarray, background: int = -1) -> np.ndarray:
+    """The uint8 RGB image (H, W, 3) with each pixel of class id ``mask`` (H, W) half-tinted in its ``PALETTE``
+    colour, except those of class ``background``."""
+    tinted = (pixels.astype(np.uint16) + PALETTE[mask % len(PALETTE)]) // 2
+    return np.where((mask == background)[..., None], pixels, tinted).astype(np.uint8)

@@ -107,9 +107,7 @@ class ConfusionMatrix:
         """
         m = self.matrix.detach().cpu().double()
         tp, true, pred = m.diagonal(), m.sum(1), m.sum(0)
-        union = true + pred - tp
-        dice = torch.where(union > 0, 2 * tp / (true + pred), torch.nan)
-        iou = torch.where(union > 0, tp / union, torch.nan)
+        dice, iou = class_dice(m), class_iou(m)
         total = int(m.sum())
         names = self.class_names
         return {
@@ -141,6 +139,35 @@ class ConfusionMatrix:
             raise ValueError(f"matrix shape {tuple(matrix.shape)} does not match {out.num_classes} classes")
         out.matrix = matrix
         return out
+
+
+def class_dice(matrix: Tensor) -> Tensor:
+    """Per-class Dice of a (..., C, C) confusion matrix (rows truth): 2·TP / (2·TP + FP + FN), NaN for a class
+    absent from truth and prediction."""
+    m = matrix.double()
+    tp, true, pred = m.diagonal(dim1=-2, dim2=-1), m.sum(-1), m.sum(-2)
+    return torch.where(true + pred > 0, 2 * tp / (true + pred), torch.nan)
+
+
+def class_iou(matrix: Tensor) -> Tensor:
+    """Per-class IoU of a (..., C, C) confusion matrix: TP / (TP + FP + FN), NaN as :func:`class_dice`."""
+    m = matrix.double()
+    tp, true, pred = m.diagonal(dim1=-2, dim2=-1), m.sum(-1), m.sum(-2)
+    union = true + pred - tp
+    return torch.where(union > 0, tp / union, torch.nan)
+
+
+def image_matrices(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """One int64 (C, C) confusion matrix per image: ``pred`` and ``target`` class ids (N, H, W) -> (N, C, C)."""
+    n, c = target.shape[0], num_classes
+    codes = target.long().reshape(n, -1) * c + pred.long().reshape(n, -1) + (torch.arange(n, device=target.device)
+                                                                              * c * c)[:, None]
+    return torch.bincount(codes.flatten(), minlength=n * c * c).reshape(n, c, c)
+
+
+def mean_dice(matrices: Tensor) -> Tensor:
+    """Mean over classes of :func:`class_dice`, leaving out the NaN ones: (..., C, C) -> (...)."""
+    return class_dice(matrices).nanmean(-1)
 
 
 def _nanmean(values: Tensor) -> float:

@@ -28,7 +28,9 @@ __all__ = [
     "count_bn_statistics",
     "count_parameters",
     "from_keras_json",
+    "normalize",
     "to_inputs",
+    "to_unit",
 ]
 
 DOWN_CHANNELS = (64, 128, 256)
@@ -132,8 +134,17 @@ def build_network(num_classes: int, network: Path | None = None, bn_momentum: fl
 
 def to_inputs(images: torch.Tensor, mean: float, std: float, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) as rmldnn's normalize gives it: (x/255 - mean) / std."""
-    x = images.permute(0, 3, 1, 2).float()
-    x = (x / 255.0 - mean) / std
+    return normalize(to_unit(images), mean, std, channels_last)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 255.0
+
+
+def normalize(x: torch.Tensor, mean: float, std: float, channels_last: bool = False) -> torch.Tensor:
+    """Images in [0, 1] as the network takes them: (x - mean) / std."""
+    x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 

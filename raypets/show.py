@@ -1,4 +1,5 @@
-"""``raypets show``: the tutorial's figure, input | prediction | ground truth per row, from a predict output. No Ray."""
+"""``raypets show``: the tutorial's figure, input | overlay | prediction | ground truth per row, from a predict
+output. No Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 from raypets.data.decode import decode_image
 from raypets.data.sources import display_name
 from raypets.errors import UserError
-from raypets.inference import full_size_mask
+from raypets.inference import full_size_mask, overlay
 from raypets.outputs import DONE
 from raypets.plots import plt
 
@@ -21,9 +22,9 @@ from raypets.plots import plt
 def show_predictions(output: Path, out: Path, *, images: Path | None = None, truth: Path | None = None,
                      rows: int = 6) -> Path:
     """The tutorial's figure from a ``raypets predict`` folder: a row per sample (first ``rows`` by name) with the
-    input (when ``images`` is given, as a viewer orients it), the predicted class ids at the image's original size
-    (the probabilities resized bilinearly, then the argmax, as predict's masks), and the ground truth (when
-    ``truth`` holds a class-id mask named like the image, any image suffix)."""
+    input (when ``images`` is given, as a viewer orients it) and the prediction overlaid on it, the predicted class
+    ids at the image's original size (the probabilities resized bilinearly, then the argmax, as predict's masks),
+    and the ground truth (when ``truth`` holds a class-id mask named like the image, any image suffix)."""
     if rows < 1:
         raise UserError(f"--rows must be at least 1, got {rows}")
     index = output / "predictions.h5"
@@ -37,8 +38,10 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
             raise UserError(f"{index}: holds no predictions")
         predictions = [_class_ids(file[key]) for key in keys]
         num_classes = file[keys[0]].shape[0]
+        classes = [str(name) for name in file.attrs.get("class_names", [])]
+    background = classes.index("background") if "background" in classes else -1
     names = [os.fsdecode(key) for key in keys]
-    columns = [("input", images), ("prediction", None), ("ground truth", truth)]
+    columns = [("input", images), ("overlay", images), ("prediction", None), ("ground truth", truth)]
     columns = [(title, folder) for title, folder in columns if title == "prediction" or folder is not None]
     fig, axes = plt.subplots(len(names), len(columns), figsize=(2.6 * len(columns), 2.6 * len(names)), dpi=100,
                              squeeze=False)
@@ -51,7 +54,10 @@ def show_predictions(output: Path, out: Path, *, images: Path | None = None, tru
             if title == "prediction":
                 ax.imshow(predicted, cmap="gray", interpolation="nearest", vmin=0, vmax=num_classes - 1)
             elif title == "input":
-                ax.imshow(decode_image(_existing(folder / name).read_bytes(), name, orient=True).pixels)
+                ax.imshow(_pixels(folder, name))
+            elif title == "overlay":
+                pixels = _pixels(folder, name)
+                ax.imshow(overlay(pixels, _resized(predicted, pixels.shape[:2]), background))
             else:
                 ax.imshow(np.asarray(Image.open(_mask_for(folder, name))), cmap="gray", interpolation="nearest",
                           vmin=0, vmax=num_classes - 1)
@@ -82,10 +88,17 @@ def dataset_names(group, prefix: bytes = b"") -> list[bytes]:
     return names
 
 
-def _existing(path: Path) -> Path:
+def _resized(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Class ids at ``size`` (height, width): nearest neighbour, for an image that is not the predicted size."""
+    return mask if mask.shape == size else np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
+
+
+def _pixels(folder: Path, name: str) -> np.ndarray:
+    """The image ``name`` in ``folder`` as a viewer orients it."""
+    path = folder / name
     if not path.is_file():
         raise UserError(f"{path}: image not found")
-    return path
+    return decode_image(path.read_bytes(), name, orient=True).pixels
 
 
 def _mask_for(folder: Path, name: str) -> Path:

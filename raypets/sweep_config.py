@@ -231,7 +231,7 @@ class Sweep:
 
 
 def load_sweep(path: Path, data: Location, *, samples: int | None = None, workers: int | None = None,
-               gpus_per_worker: float | None = None) -> Sweep:
+               gpus_per_worker: float | None = None, tracking: list[str] | None = None) -> Sweep:
     """Read and check the sweep file ``path``; the flags given override it. Any mistake is one UserError."""
     spec = _read(path)
     try:
@@ -247,6 +247,8 @@ def load_sweep(path: Path, data: Location, *, samples: int | None = None, worker
         storage.require_file(Path(train[key]) if train.get(key) else None)
     if workers is not None:
         train["workers"] = workers
+    if tracking:
+        train["tracking"] = tracking
     if gpus_per_worker is not None:  # 0: CPU workers; a fraction: one-worker trials share a GPU
         if gpus_per_worker < 0:
             raise UserError(f"--gpus-per-worker must be 0 (CPU workers) or more, got {gpus_per_worker:g}")

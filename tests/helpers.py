@@ -49,6 +49,26 @@ def prepared_shards(root: Path, n: int, size: tuple[int, int], seed: int) -> Pat
     return root / "shards"
 
 
+def tensorboard_events(folder: Path) -> dict[str, list[tuple[int, float | str]]]:
+    """What the TensorBoard event files in ``folder`` hold, read back record by record (TFRecord framing: length,
+    its CRC, the Event protobuf, its CRC): tag -> [(step, scalar or text)], over all the files."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events: dict[str, list[tuple[int, float | str]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                held = value.tensor.string_val[0].decode() if value.HasField("tensor") else value.simple_value
+                events.setdefault(value.tag, []).append((event.step, held))
+    return events
+
+
 def save_image(path: Path, pixels: np.ndarray, fmt: str | None = None, mode: str | None = None) -> Path:
     """Write ``pixels`` to ``path`` in ``fmt`` (default from the suffix), optionally converted to ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ from PIL import Image
 from raypets.cli import build_parser, main
 from raypets.runlog import read_metrics
 
-COMMANDS = ["synth", "prepare", "train", "tune", "evaluate", "predict", "show", "export"]
+COMMANDS = ["synth", "prepare", "tune", "train", "evaluate", "predict", "show", "export"]
 MODEL = ["model/model.onnx", "model/model.ts", "model/model.json"]  # the test extra has onnx: both formats
-FIGURES = ["train/loss.png", "train/dice.png", "sweep/mean_dice_vs_lr.png", "grid.png"]
+FIGURES = ["sweep/mean_dice_vs_lr.png", "train/loss.png", "train/dice.png", "grid.png"]
 
 
 def test_quick_demo_runs_every_stage_and_reports_each(quick_demo, capsys):
@@ -68,7 +68,7 @@ def test_quick_demo_runs_every_stage_and_reports_each(quick_demo, capsys):
     assert all(f"]({f})" in md for f in FIGURES)
     assert re.findall(r'href="([^"]*)"', page) == MODEL and all(f"[{f}]({f})" in md for f in MODEL)
     rows = min(4, manifest["counts"]["test"])
-    assert Image.open(out / "grid.png").size == (3 * 260, rows * 260)  # input | prediction | ground truth
+    assert Image.open(out / "grid.png").size == (4 * 260, rows * 260)  # input | overlay | prediction | truth
     # timings of every stage
     assert list(summary["timings"]) == ["ray.init", *COMMANDS]
     for stage, seconds in summary["timings"].items():
@@ -78,8 +78,10 @@ def test_quick_demo_runs_every_stage_and_reports_each(quick_demo, capsys):
     assert [shlex.split(c)[1] for c in commands] == COMMANDS
     parsed = [build_parser().parse_args(shlex.split(c)[1:]) for c in commands]
     assert all(c in md and html.escape(c) in page for c in [*commands, summary["demo_command"]])
-    train = parsed[COMMANDS.index("train")]
-    assert (train.data, train.run_dir, train.epochs) == (out / "shards", out / "train", len(history))
+    train = parsed[COMMANDS.index("train")]  # the sweep's winner, for the demo's epochs
+    assert (train.from_file, train.run_dir, train.epochs) == (out / "sweep" / "best.json", out / "train", len(history))
+    best = json.loads((out / "sweep" / "best.json").read_text())
+    assert json.loads((out / "train" / "run.json").read_text())["train"]["lr"] == best["params"]["lr"]
     assert parsed[COMMANDS.index("evaluate")].out == out / "evaluate_test.json"
     assert f"test mean Dice {evaluation['mean_dice']:.4f}" in printed
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raypets.errors import UserError
-from raypets.inference import ModelRunner, full_size_mask
+from raypets.inference import PALETTE, ModelRunner, full_size_mask, overlay
 from raypets.model import XceptionUNet
 
 
@@ -38,3 +38,13 @@ def test_full_size_masks_are_the_bilinear_probabilities_argmax():
     assert mask.tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1]]  # a diagonal edge, where the
     # argmax enlarged nearest is a 2x2 block: [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
     assert full_size_mask(probs, (2, 2)).tolist() == [[0, 0], [0, 1]]
+
+
+def test_an_overlay_tints_every_class_but_the_background():
+    pixels = np.full((2, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 1, 2], [1, 1, 0]], np.uint8)
+    out = overlay(pixels, mask, background=1)
+    assert out.dtype == np.uint8 and out.shape == pixels.shape
+    assert (out[mask == 1] == 100).all()
+    for row, col in ((0, 0), (0, 2)):
+        assert (out[row, col] == (100 + PALETTE[mask[row, col]].astype(int)) // 2).all()

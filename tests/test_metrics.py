@@ -163,3 +163,19 @@ def test_all_reduce_across_two_gloo_processes(tmp_path):
     rank0_only.update(*halves[0])
     assert reduced.matrix.tolist() == whole.matrix.tolist()
     assert reduced.matrix.tolist() != rank0_only.matrix.tolist()
+
+
+def test_per_image_matrices_are_each_images_own_confusion_matrix():
+    from raypets.metrics import image_matrices, mean_dice
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 3, (4, 9, 7), generator=gen), torch.randint(0, 3, (4, 9, 7), generator=gen)
+    target[2] = 1  # an image of one class: the others' Dice is left out of its mean
+    pred[2] = 1
+    matrices = image_matrices(pred, target, 3)
+    for i in range(4):
+        one = ConfusionMatrix(3)
+        one.update(pred[i:i + 1], target[i:i + 1])
+        assert torch.equal(matrices[i], one.matrix)
+        assert mean_dice(matrices[i]).item() == pytest.approx(one.compute()["mean_dice"])
+    assert mean_dice(matrices)[2].item() == 1.0

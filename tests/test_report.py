@@ -34,12 +34,12 @@ def test_show_draws_a_row_per_sample_with_input_prediction_and_truth(tmp_path):
     assert main(["show", str(tmp_path / "out"), "--images", str(tmp_path / "images"),
                  "--truth", str(tmp_path / "masks"), "--rows", "2", "--out", str(grid)]) == 0
     width, height = Image.open(grid).size
-    assert (width, height) == (3 * 260, 2 * 260)  # 3 columns, 2 rows of 2.6 in at 100 dpi
+    assert (width, height) == (4 * 260, 2 * 260)  # input, overlay, prediction, truth; 2 rows of 2.6 in at 100 dpi
     only_predictions = tmp_path / "pred.png"
     assert main(["show", str(tmp_path / "out"), "--out", str(only_predictions)]) == 0
     assert Image.open(only_predictions).size == (260, 3 * 260)
     assert main(["show", str(tmp_path / "out"), "--out", str(grid)]) == 2  # never replaced unasked
-    assert Image.open(grid).size == (3 * 260, 2 * 260)
+    assert Image.open(grid).size == (4 * 260, 2 * 260)
     assert main(["show", str(tmp_path / "out"), "--out", str(grid), "--overwrite"]) == 0
     assert Image.open(grid).size == (260, 3 * 260)
 

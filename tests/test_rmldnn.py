@@ -64,8 +64,8 @@ def test_a_wrong_type_is_one_line_naming_its_key(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--no-progress"]) == 2
     assert capsys.readouterr().err == (f"raypets: error: {config}: neural_network.num_epochs: takes a whole number, "
                                        "got 'ten'\n")
-    with pytest.raises(UserError, match=r"neural_network\.optimizer: lr_scheduler type 'cosine' is not one of"):
-        training_settings(tutorial_copy(tmp_path, **{"optimizer.lr_scheduler": {"type": "Cosine"}}))
+    with pytest.raises(UserError, match=r"neural_network\.optimizer: lr_scheduler type 'cyclic' is not one of"):
+        training_settings(tutorial_copy(tmp_path, **{"optimizer.lr_scheduler": {"type": "Cyclic"}}))
 
 
 def test_another_network_file_is_built_from_json(tmp_path):

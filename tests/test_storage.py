@@ -15,9 +15,9 @@ from pathlib import Path
 import h5py
 import pyarrow.fs as pafs
 import pytest
-from helpers import free_ports, ray_checkpoint_folder
+from helpers import free_ports, ray_checkpoint_folder, tensorboard_events
 
-from raypets import storage
+from raypets import storage, tracking
 from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
 from raypets.cli import main
 from raypets.errors import UserError
@@ -133,6 +133,23 @@ def test_the_run_log_at_a_uri_is_uploaded_each_epoch_and_trimmed_on_resume(bucke
     assert [m["epoch"] for m in read_metrics(run)] == [1]
     assert storage.read_text(storage.join(run, "raypets_train.txt")).splitlines() == \
         [TRAIN_HEADER, "1 1 0.500 0.900000 1.000000 0.001"]
+
+
+def test_tracking_a_run_at_a_uri_uploads_its_event_files_and_keeps_its_mlflow_run_id_there(bucket, tmp_path,
+                                                                                            monkeypatch):
+    run = bucket.uri("tracked/run")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # a run at a URI needs a store
+    target = tracking.mlflow_target(run)
+    names = ["tensorboard", "mlflow"]
+    started = tracking.start(names, run, {"data": bucket.uri("shards")}, resume=False, mlflow=target)
+    with tracking.open_trackers(names, run, started, last_epoch=0) as trackers:
+        trackers.epoch({"epoch": 1, "mean_dice": 0.4, "collapsed": ""})
+    assert tracking.start(names, run, {}, resume=True, mlflow=target)["mlflow"] == started["mlflow"]
+    objects = bucket.objects()
+    (events,) = [key for key in objects if key.startswith(f"{BUCKET}/tracked/run/tensorboard/events.out.tfevents.")]
+    Path(tmp_path, Path(events).name).write_bytes(objects[events])
+    assert tensorboard_events(tmp_path)["mean_dice"] == [(1, pytest.approx(0.4))]
+    assert not any(KEY.encode() in data or SECRET.encode() in data for data in objects.values())
 
 
 def test_a_run_at_a_uri_resolves_to_its_best_checkpoint(bucket, tmp_path):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import prepared_shards, wait_for_every_cpu
+from helpers import prepared_shards, tensorboard_events, wait_for_every_cpu
+from mlflow.tracking import MlflowClient
 from ray.train.v2._internal.execution.callback import ReportCallback, WorkerGroupCallback
 
 from raypets.cli import main
@@ -49,8 +50,11 @@ def evaluate_plainly(weights: Path, shards: Path) -> dict:
 
 def test_training_learns_checkpoints_and_logs(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --run-dir means the caller's folder, though the workers run elsewhere
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):  # MLflow's default: RUN/mlflow.db
+        monkeypatch.delenv(name, raising=False)
     run = tmp_path / "run"
-    final = train(TrainConfig(data=shards, run_dir=Path("run"), epochs=4, checkpoint_every=2, keep=1, **FAST))
+    final = train(TrainConfig(data=shards, run_dir=Path("run"), epochs=4, checkpoint_every=2, keep=1,
+                              tracking=["tensorboard", "mlflow"], **FAST))
     history = read_metrics(run)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4] and final["epoch"] == 4
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -88,6 +92,16 @@ def test_training_learns_checkpoints_and_logs(shards, tmp_path, monkeypatch):
     for plot in ("loss.png", "dice.png"):
         assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Tracked by rank 0 alone: one TensorBoard value and one MLflow run's value per epoch, though 2 workers ran.
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
+    per_epoch = [(m["epoch"], pytest.approx(m["mean_dice"])) for m in history]
+    assert tensorboard_events(run / "tensorboard")["mean_dice"] == per_epoch
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("raypets").experiment_id])
+    assert tracked.info.status == "FINISHED" and tracked.data.params["workers"] == "2"
+    logged = client.get_metric_history(tracked.info.run_id, "mean_dice")
+    assert sorted((m.step, m.value) for m in logged) == per_epoch
+
     with pytest.raises(UserError, match="holds a training run already; pass --resume"):
         train(TrainConfig(data=shards, run_dir=run, epochs=4, **FAST))
 
@@ -120,7 +134,8 @@ def test_resume_after_raypets_train_is_killed(shards, tmp_path, ray_local):
     from its last checkpoint, with that checkpoint's weights, and the epochs before it are not trained again."""
     run = tmp_path / "run"
     args = ["train", "--data", str(shards), "--run-dir", str(run), "--checkpoint-every", "2", "--workers", "2",
-            "--batch-size", "8", "--test-batch-size", "8", "--warmup-steps", "10", "--no-progress"]
+            "--batch-size", "8", "--test-batch-size", "8", "--warmup-steps", "10", "--no-progress",
+            "--recipe", "strong"]  # augmented batches too
     driver = subprocess.Popen([sys.executable, "-m", "raypets.cli", *args, "--epochs", "8", "--address",
                                ray_local.get_runtime_context().gcs_address], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -188,11 +203,20 @@ def test_gpu_settings_that_cannot_work_are_refused_before_training(shards, tmp_p
 def test_learning_rate_warms_up_then_follows_the_schedule(tmp_path):
     cfg = TrainConfig(data=tmp_path, run_dir=tmp_path, lr=1e-3, warmup_steps=4,
                       lr_scheduler={"type": "step", "step_size": 2, "gamma": 0.5})
-    assert [cfg.lr_at(s, 1) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
-    assert [cfg.lr_at(100, e) for e in (1, 2, 3, 5)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+    assert [cfg.lr_at(s, 1, 10) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert [cfg.lr_at(100, e, 10) for e in (1, 2, 3, 5)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+    assert [cfg.lr_at(s, 1, 2) for s in range(3)] == pytest.approx([5e-4, 1e-3, 1e-3])  # one epoch at most
     multi = TrainConfig(data=tmp_path, run_dir=tmp_path, warmup_steps=0,
                         lr_scheduler={"type": "multistep", "milestones": [1, 3], "gamma": 0.1})
-    assert [multi.lr_at(0, e) for e in (1, 2, 4)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert [multi.lr_at(0, e, 10) for e in (1, 2, 4)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    cosine = TrainConfig(data=tmp_path, run_dir=tmp_path, warmup_steps=0, epochs=4, lr_scheduler={"type": "cosine"})
+    assert [cosine.lr_at(0, e, 10) for e in (1, 2, 3, 4)] == pytest.approx([1e-3, 8.5355e-4, 5e-4, 1.4645e-4],
+                                                                          rel=1e-4)
+    poly = TrainConfig(data=tmp_path, run_dir=tmp_path, warmup_steps=0, epochs=4,
+                       lr_scheduler={"type": "poly", "power": 2.0})
+    assert [poly.lr_at(0, e, 10) for e in (1, 2, 3, 4)] == pytest.approx([1e-3, 5.625e-4, 2.5e-4, 6.25e-5])
+    assert cfg.steps_per_epoch(100) == 2 and TrainConfig(data=tmp_path, run_dir=tmp_path, workers=2, batch_size=16
+                                                         ).steps_per_epoch(101) == 7  # 50 each, batches of 8
     with pytest.raises(UserError, match="lr_scheduler step takes gamma, step_size"):
         TrainConfig(data=tmp_path, run_dir=tmp_path, lr_scheduler={"type": "step", "gamma": 0.1})
 

@@ -15,6 +15,7 @@ import pytest
 import ray.tune
 import torch
 from helpers import prepared_shards
+from mlflow.tracking import MlflowClient
 
 from raypets.checkpoints import STATE_FILE, load_model, resolve_checkpoint
 from raypets.cli import main
@@ -64,7 +65,7 @@ class InterruptAt(ray.tune.Callback):
 
 
 def test_asha_sweep_interrupted_and_resumed_ranks_trials_and_points_to_the_best_checkpoint(
-        shards, tmp_path, capsys):
+        shards, tmp_path, capsys, monkeypatch):
     # Deterministic (seed 0, one worker, one trial at a time): 1e-6 barely moves and, alone at its rungs, runs to
     # the end; 0.1 collapses to background and ASHA stops it after epoch 1; 3e-3 learns and is interrupted there.
     space = write(tmp_path / "lr.yaml", f"""
@@ -74,7 +75,10 @@ space:
   lr: {{grid: [1e-6, 1.0e-1, 3.0e-3]}}
 """)
     run = tmp_path / "sweep"
-    first = tune(load_sweep(space, shards), run, callbacks=[InterruptAt(3e-3, epoch=1)], progress=False)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):  # MLflow's default: the sweep's RUN/mlflow.db
+        monkeypatch.delenv(name, raising=False)
+    first = tune(load_sweep(space, shards, tracking=["mlflow"]), run, callbacks=[InterruptAt(3e-3, epoch=1)],
+                 progress=False)
     trial = {row["params"]["lr"]: row["trial_id"] for row in first["rows"]}
     assert {row["params"]["lr"]: row["status"] for row in first["rows"]} == {
         1e-6: "done", 1e-1: "done", 3e-3: "unfinished"}
@@ -95,6 +99,13 @@ space:
     assert max(r["epoch"] for r in reported(run, trial[1e-1])) == epochs_run[trial[1e-1]] == 1  # ASHA stopped it
     assert {row["trial_id"] for row in rows if row["stopped_early"] == "True"} == {trial[1e-1]}
     assert epochs_run[trial[1e-6]] == epochs_run[trial[3e-3]] == 2
+
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")  # one MLflow run per trial, the resumed one continued
+    tracked = client.search_runs([client.get_experiment_by_name("raypets").experiment_id])
+    assert sorted(r.info.run_name for r in tracked) == sorted(epochs_run)
+    for r in tracked:
+        steps = {m.step for m in client.get_metric_history(r.info.run_id, "mean_dice")}
+        assert steps == {m["epoch"] for m in read_metrics(run / "trials" / r.info.run_name)}
 
     best_reported = {t: max(r["mean_dice"] for r in reported(run, t)) for t in epochs_run}
     best = json.loads((run / "best.json").read_text())
@@ -165,8 +176,8 @@ space:
     ("train: {epochs: true}\n", "train.epochs: takes a whole number, got True"),
     ("space: {keep: {choice: [2, two]}}\n", "space.keep.choice.1: takes a whole number, got 'two'"),
     ("train: {lr_scheduler: {type: step, gamma: 0.5}}\n", "train: lr_scheduler step takes gamma, step_size"),
-    ("space: {lr_scheduler: {choice: [null, {type: cosine}]}}\n",
-     "space.lr_scheduler = {'type': 'cosine'}: lr_scheduler type 'cosine' is not one of"),
+    ("space: {lr_scheduler: {choice: [null, {type: cyclic}]}}\n",
+     "space.lr_scheduler = {'type': 'cyclic'}: lr_scheduler type 'cyclic' is not one of"),
     ("metric: accuracy\n", "metric 'accuracy' is not one raypets train reports"),
     ("space: [lr]\n", "space must be a mapping"),
     ("space: {lr: {grid: [1e-3]}\n", "not valid YAML"),

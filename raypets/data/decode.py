@@ -97,6 +97,18 @@ def _decoding(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+@contextmanager
+def any_failure_as_decode_error() -> Iterator[None]:
+    """A decoder's unexpected exception inside as a :class:`DecodeError` naming it: one bad file must never cost
+    more than its own result (predict's other files, serve's other requests)."""
+    try:
+        yield
+    except DecodeError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise DecodeError("undecodable image data", f"{type(err).__name__}: {err}") from None
+
+
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:
     width, height = img.size
     if width * height > max_pixels:
@@ -134,7 +146,8 @@ def decode_image(data: bytes, name: str = "", *, max_pixels: int = DEFAULT_MAX_P
     expected = _SUFFIX_FORMATS.get(suffix)
     if expected and img.format and img.format != expected:
         notes.append(f"{img.format} data named {suffix}")
-    orientation = img.getexif().get(_ORIENTATION, 1) if orient else 1
+    with _decoding(max_pixels):  # a PNG's EXIF may follow its pixels: reading it loads them (a truncated file fails)
+        orientation = img.getexif().get(_ORIENTATION, 1) if orient else 1
     width, height = img.size
     if orientation in _SWAPS_AXES:
         width, height = height, width
@@ -155,6 +168,15 @@ def decode_image(data: bytes, name: str = "", *, max_pixels: int = DEFAULT_MAX_P
             img = img.convert("RGBA")
         img = img.convert("RGB")
     return DecodedImage(np.asarray(img, dtype=np.uint8), "; ".join(notes), source_format, (height, width))
+
+
+def decode_to_size(data: bytes, size: tuple[int, int], *, name: str = "",
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, DecodedImage]:
+    """What ``raypets predict`` and ``raypets serve`` feed the model for one file: its pixels decoded (JPEGs at the
+    draft scale for ``size``, the EXIF orientation applied) and resized bilinear to ``size`` (height, width); and
+    the decoded image, whose ``original_size`` the mask is given at."""
+    decoded = decode_image(data, name, max_pixels=max_pixels, draft=size, orient=True)
+    return resize_image(decoded.pixels, size), decoded
 
 
 def _to_8_bits(img: Image.Image) -> tuple[Image.Image, str]:

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 from raypets import storage
-from raypets.data.decode import IMAGE_SUFFIXES, DecodeError
+from raypets.data.decode import IMAGE_SUFFIXES, DecodeError, any_failure_as_decode_error
 from raypets.errors import UserError
 from raypets.storage import Location
 
@@ -113,12 +113,8 @@ def read_source(root: str, path: bytes, max_bytes: int) -> bytes:
 def read_and_decode(root: str, path: bytes, max_bytes: int, decode: Callable[[bytes], T]) -> T:
     """``decode`` of one file's bytes (:func:`read_source`); any failure a :class:`DecodeError` with its reason,
     a decoder's own unexpected exception included: one bad file must never cost the others."""
-    try:
+    with any_failure_as_decode_error():
         return decode(read_source(root, path, max_bytes))
-    except DecodeError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise DecodeError("undecodable image data", f"{type(err).__name__}: {err}") from None
 
 
 def _check_size(size: int, max_bytes: int) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from raypets import storage
 from raypets.checkpoints import Checkpoint, checkpoint_classes, load_model, resolve_checkpoint
 from raypets.config import DEVICES
-from raypets.data.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodeError, decode_image, resize_image
+from raypets.data.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodeError, decode_to_size
 from raypets.data.sources import DEFAULT_MAX_FILE_MB, list_inputs, read_and_decode
 from raypets.errors import UserError
 from raypets.inference import ModelRunner, full_size_mask
@@ -238,9 +238,9 @@ def _decode_batch(batch: dict[str, np.ndarray], *, size: tuple[int, int], max_pi
     for root, path, key in zip(batch["root"], batch["path"], batch["key"], strict=True):
         pixels, original, repair, reason, detail = None, (0, 0), "", "", ""
         try:
-            decoded = read_and_decode(str(root), bytes(path), max_bytes, partial(
-                decode_image, name=os.fsdecode(bytes(key)), max_pixels=max_pixels, draft=size, orient=True))
-            pixels, original, repair = resize_image(decoded.pixels, size), decoded.original_size, decoded.repair
+            pixels, decoded = read_and_decode(str(root), bytes(path), max_bytes, partial(
+                decode_to_size, size=size, name=os.fsdecode(bytes(key)), max_pixels=max_pixels))
+            original, repair = decoded.original_size, decoded.repair
         except DecodeError as err:
             reason, detail = err.reason, err.detail
         images.append(pixels if pixels is not None else np.zeros((*size, 3), np.uint8))
@@ -270,7 +270,7 @@ class Predictor(ModelRunner):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["reason"] == "")
         images = batch.pop("image")
-        probs = torch.softmax(self.logits(images[ok]).float(), dim=1) if len(ok) else None
+        probs = self.probabilities(images[ok]) if len(ok) else None
         if self.keep_probs:
             batch["probs"] = _scatter(probs.to(self.dtype).cpu().numpy() if len(ok) else None, ok,
                                       (len(images), self.num_classes, *images.shape[1:3]), self.np_dtype)

@@ -9,7 +9,6 @@ task: ``output_<k>.h5`` or ``predictions/part-<k>.parquet``; a retried task rewr
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
@@ -27,13 +25,12 @@ from ray.data.datasource.datasink import WriteResult
 from raypets import storage
 from raypets.data.decode import decode_image
 from raypets.data.sources import display_name, read_and_decode
+from raypets.inference import encode_png, overlay
 from raypets.storage import Location
 
 if TYPE_CHECKING:
     from ray.data._internal.execution.interfaces import TaskContext
 
-# Overlay tint of each class id (the class named "background" is left untinted).
-PALETTE = np.array([(255, 64, 32), (32, 96, 255), (255, 224, 0), (0, 200, 80), (200, 0, 200), (0, 200, 200)], np.uint8)
 PARQUET_FOLDER = "predictions"
 
 
@@ -99,9 +96,7 @@ class PredictionSink(Datasink):
             mask = row["mask"]
             pixels = read_and_decode(str(row["root"]), bytes(row["path"]), self.max_bytes, partial(
                 decode_image, name=png, max_pixels=self.max_pixels, orient=True)).pixels
-            tinted = (pixels.astype(np.uint16) + PALETTE[mask % len(PALETTE)]) // 2
-            overlay = np.where((mask == self.background)[..., None], pixels, tinted).astype(np.uint8)
-            put_bytes(self.output, f"overlays/{png}", encode_png(overlay))
+            put_bytes(self.output, f"overlays/{png}", encode_png(overlay(pixels, mask, self.background)))
 
 
 class FileWriter:
@@ -192,12 +187,6 @@ def put_bytes(output: Location, name: str, data: bytes) -> None:
     path = Path(output, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def _rows(blocks: Iterable[Block]) -> Iterator[dict]:

@@ -16,7 +16,7 @@ import ray.train
 import ray.train.torch
 from ray.data.dataset import MaterializedDataset
 
-from raypets import storage
+from raypets import storage, tracking
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, weights_name
 from raypets.config import TrainConfig
 from raypets.errors import UserError
@@ -44,17 +44,21 @@ STREAM_BUFFER_SHARE, STREAM_BUFFER_MAX = 0.25, 512 * 2**20  # what streamed spli
 
 
 def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | None = None,
-          ray_run_name: str = RAY_RUN_NAME, datasets: dict | None = None) -> dict:
+          ray_run_name: str = RAY_RUN_NAME, datasets: dict | None = None, mlflow: dict | None = None) -> dict:
     """Fit the model with a ``TorchTrainer`` on ``cfg.workers`` workers and return the last epoch's metrics
     with ``checkpoint`` (the Ray checkpoint folder) and ``model_checkpoint`` (its plain state_dict file).
 
-    ``datasets``: ``load_datasets(cfg.data, manifest)`` done already (a sweep's trials share its one read).
+    ``datasets``: ``load_datasets(cfg.data, manifest)`` done already (a sweep's trials share its one read);
+    ``mlflow``: ``tracking.mlflow_target`` done already (a sweep's trials share its store and experiment).
     """
     cfg = cfg.absolute()
     manifest = read_manifest(cfg.data)
     require_image_size(manifest["image_size"]["height"], manifest["image_size"]["width"], str(cfg.data))
     for path in (cfg.network, cfg.init_weights):
         storage.require_file(path)
+    if cfg.class_weights and len(cfg.class_weights) != len(manifest["classes"]):
+        raise UserError(f"--class-weights gives {len(cfg.class_weights)} weights; {cfg.data} has "
+                        f"{len(manifest['classes'])} classes ({', '.join(manifest['classes'])})")
     for split in ("train", "test"):
         if manifest["counts"].get(split, 0) == 0:
             raise UserError(f"{cfg.data}: the {split} split is empty; training needs both splits")
@@ -74,6 +78,8 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     if cfg.resume:
         check_resume(cfg.run_dir, settings)
         read_metrics(cfg.run_dir)  # a damaged log is one error here, not a worker's traceback
+    if "mlflow" in cfg.tracking:  # MLflow missing, or its store unreachable: one error before Ray starts
+        mlflow = mlflow or tracking.mlflow_target(cfg.run_dir)
 
     init_ray(address)
     use_gpu = use_gpus(cfg.device, cfg.workers, per_worker=cfg.gpus_per_worker)
@@ -85,10 +91,11 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     datasets = datasets or load_datasets(cfg.data, manifest, cfg.data_cache)
     streamed = not isinstance(datasets["train"], MaterializedDataset)
     filesystem, storage_path = run_storage(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
+    started = tracking.start(cfg.tracking, cfg.run_dir, cfg.to_dict(), resume=cfg.resume, mlflow=mlflow)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": manifest["classes"], "use_gpu": use_gpu,
-                           "train_images": manifest["counts"]["train"]},
+                           "train_images": manifest["counts"]["train"], "tracking": started},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg, use_gpu)),
         datasets=datasets,

@@ -25,26 +25,18 @@ import torch.distributed as dist
 from torch import nn
 
 from raypets import storage
+from raypets.augment import augment
 from raypets.checkpoints import load_state, save_state
 from raypets.config import TrainConfig
 from raypets.losses import make_loss
 from raypets.metrics import ConfusionMatrix
-from raypets.model import build_network, to_inputs
+from raypets.model import build_network, normalize, to_inputs, to_unit
 from raypets.optim import make_optimizer
 from raypets.precision import Precision, require_cuda, resolve_precision
 from raypets.runlog import RunLog
+from raypets.tracking import open_trackers
 
 COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels counts as a collapse
-
-
-def random_flips(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """rmldnn's random_horizontal_flip / random_vertical_flip, per sample, on images and masks alike."""
-    for prob, dim in ((cfg.hflip, -1), (cfg.vflip, -2)):
-        if prob:
-            flip = (torch.rand(x.shape[0], generator=gen) < prob).to(x.device, non_blocking=True)
-            x = torch.where(flip[:, None, None, None], x.flip(dim), x)
-            y = torch.where(flip[:, None, None], y.flip(dim), y)
-    return x, y
 
 
 # --- the per-worker loop -------------------------------------------------------------------------------------
@@ -77,17 +69,20 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     # The shards' masks were checked when prepared: checking them again would read back to the host every step.
-    loss_fn = make_loss(cfg.loss, source=cfg.loss_source, check_values=False)
+    loss_fn = make_loss(cfg.loss, source=cfg.loss_source, weight=cfg.class_weights, check_values=False)
     start_epoch = state["epoch"] + 1 if state else 1
     step = state["step"] if state else 0
+    steps_per_epoch = cfg.steps_per_epoch(config["train_images"])
     progress = Progress(cfg.progress_every, config["train_images"], cfg.epochs, world) if rank == 0 else None
-    with RunLog(cfg.run_dir, cfg.name) if rank == 0 else nullcontext() as log:
+    with (RunLog(cfg.run_dir, cfg.name) if rank == 0 else nullcontext() as log,  # rank 0 alone logs the run
+          open_trackers(cfg.tracking, cfg.run_dir, config["tracking"], start_epoch - 1) if rank == 0
+          else nullcontext() as trackers):
         if log:
             log.start(last_epoch=start_epoch - 1)
         train_shard = ray.train.get_dataset_shard("train")
@@ -102,20 +97,23 @@ def train_loop_per_worker(config: dict) -> None:
                 batch_size=cfg.batch_size // world, local_shuffle_buffer_size=max(cfg.batch_size, 256),
                 local_shuffle_seed=cfg.seed * 1_000 + epoch, prefetch_batches=2, pin_memory=use_gpu)
             trained = train_epoch(model, batches, optimizer, scaler, loss_fn, cfg, precision, epoch=epoch,
-                                  step=step, gen=gen, record=log is not None, progress=progress)
+                                  step=step, steps_per_epoch=steps_per_epoch, gen=gen, record=log is not None,
+                                  progress=progress)
             step = trained.step
             _all_reduce(trained.sums)
             train_loss = _mean(trained.sums)  # reads back to the host: the epoch's device work is done after it
             train_time = time.perf_counter() - train_started
             test = score_test_split(model, test_shard, cfg, classes, precision, loss_fn, world)
             metrics = {
-                "epoch": epoch, "train_loss": train_loss, **test, "lr": cfg.lr_at(max(step - 1, 0), epoch),
+                "epoch": epoch, "train_loss": train_loss, **test,
+                "lr": cfg.lr_at(max(step - 1, 0), epoch, steps_per_epoch),
                 "images_per_s": trained.sums[1].item() / train_time,
                 "epoch_time_s": time.perf_counter() - epoch_started,
             }
             if log:
                 log.batches(epoch, trained.batches())
                 log.epoch(metrics)
+                trackers.epoch(metrics)
                 # Not print(): Ray Train's patched print tees a worker's stdout to its logger too (two lines each).
                 sys.stdout.write(epoch_line(metrics, cfg.epochs) + "\n")
                 sys.stdout.flush()
@@ -187,11 +185,11 @@ def _duration(seconds: float) -> str:
 
 def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, loss_fn: nn.Module, cfg: TrainConfig, precision: Precision, *,
-                epoch: int, step: int, gen: torch.Generator, record: bool,
+                epoch: int, step: int, steps_per_epoch: int, gen: torch.Generator, record: bool,
                 progress: Progress | None = None) -> TrainedEpoch:
-    """One pass over ``batches`` without reading anything back to the host (fp16's loss scaler aside, which checks
-    for overflow each step): per-batch values stay on the device until the epoch ends. ``record``: keep them for
-    the train log; ``progress``: print rank 0's progress lines."""
+    """One pass over ``batches``, augmented with draws from ``gen``, without reading anything back to the host
+    (fp16's loss scaler aside, which checks for overflow each step): per-batch values stay on the device until the
+    epoch ends. ``record``: keep them for the train log; ``progress``: print rank 0's progress lines."""
     model.train()
     started = time.perf_counter()
     if progress:
@@ -199,8 +197,8 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.opti
     device = next(model.parameters()).device
     trained = TrainedEpoch(torch.zeros(2, dtype=torch.float64, device=device), step)
     for batch in batches:
-        x, y = random_flips(*batch_tensors(batch, cfg), cfg, gen)
-        lr = cfg.lr_at(trained.step, epoch)
+        x, y = training_tensors(batch, cfg, gen)
+        lr = cfg.lr_at(trained.step, epoch, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with precision.autocast():
@@ -272,6 +270,12 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     if metrics["collapsed"]:
         line += f"  COLLAPSED: the test predictions are all {metrics['collapsed']}"
     return line
+
+
+def training_tensors(batch: dict, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard batch augmented (:mod:`raypets.augment`), as :func:`batch_tensors` gives it."""
+    images, masks = augment(to_unit(batch["image"]), batch["mask"].long(), cfg.augmentation(), gen)
+    return normalize(images, cfg.normalize_mean, cfg.normalize_std, channels_last=True), masks
 
 
 def batch_tensors(batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:

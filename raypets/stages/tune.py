@@ -5,7 +5,9 @@ A trial is a Tune function trainable that builds its ``TrainConfig`` from the sw
 :func:`raypets.stages.train.train` with ``TuneReportCallback`` (the Train V2 pattern). What a sweep leaves in ``RUN``:
 
 - ``sweep.json``: the checked sweep (what ``--resume`` continues); ``tune/``: Tune's experiment;
-- ``trials/<trial_id>/``: each trial's training run (logs, metrics.jsonl, ``ray_train/`` checkpoints);
+- ``trials/<trial_id>/``: each trial's training run (logs, metrics.jsonl, ``ray_train/`` checkpoints, with
+  ``--tracking tensorboard`` its ``tensorboard/``); ``mlflow.db``: with ``--tracking mlflow`` (and no
+  ``$MLFLOW_TRACKING_URI``), the store of the trials' MLflow runs, one per trial;
 - ``trials.csv`` (the ranked table), ``best.json`` (the best trial's config and checkpoint), ``<metric>_vs_lr.png``.
 """
 
@@ -23,7 +25,7 @@ import ray.tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raypets import storage
+from raypets import storage, tracking
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, resolve_checkpoint
 from raypets.errors import UserError
 from raypets.plots import plot_metric_vs_lr
@@ -39,9 +41,11 @@ EXPERIMENT = "tune"  # Tune's RunConfig name: RUN/tune/
 TRIALS = "trials"  # RUN/trials/<trial_id>/: one training run per trial
 
 
-def run_trial(params: dict, *, sweep: dict, run_dir: str, datasets: dict, progress: bool = True) -> None:
+def run_trial(params: dict, *, sweep: dict, run_dir: str, datasets: dict, progress: bool = True,
+              mlflow: dict | None = None) -> None:
     """The Tune trainable: one ``raypets train`` run in ``RUN/trials/<trial_id>`` on the sweep's ``datasets``
-    (``load_datasets``, read once for every trial), reporting every epoch to Tune.
+    (``load_datasets``, read once for every trial), reporting every epoch to Tune; with ``--tracking mlflow``, an
+    MLflow run in the sweep's store and experiment ``mlflow`` (``tracking.mlflow_target``).
 
     A retried trial (errored, or running when the sweep was interrupted) continues from its last checkpoint.
     """
@@ -52,7 +56,7 @@ def run_trial(params: dict, *, sweep: dict, run_dir: str, datasets: dict, progre
     checkpoints = storage.join(trial_dir, RAY_RUN_NAME)
     cfg = Sweep(**sweep).trial_config(trial_dir, params, resume=storage.exists(checkpoints))
     before = storage.entries(checkpoints)
-    final = train(cfg, callbacks=[TuneReportCallback()], datasets=datasets)
+    final = train(cfg, callbacks=[TuneReportCallback()], datasets=datasets, mlflow=mlflow)
     if not any(name.startswith("checkpoint_") for name in storage.entries(checkpoints) - before) \
             and "checkpoint" in final:
         # Interrupted after its last epoch was saved but before Tune heard of it: nothing was left to train.
@@ -78,10 +82,12 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     data = storage.parse(sweep.train["data"])
     manifest = read_manifest(data)
     storage.check_bucket(run_dir)
+    trial = sweep.trial_config(run_dir, {})
+    mlflow = tracking.mlflow_target(run_dir) if "mlflow" in trial.tracking else None  # one store for the trials
     init_ray(address)
-    datasets = load_datasets(data, manifest, sweep.trial_config(run_dir, {}).data_cache)  # the trials' own setting
+    datasets = load_datasets(data, manifest, trial.data_cache)  # the trials' own setting
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
-                                         datasets=datasets, progress=progress)
+                                         datasets=datasets, progress=progress, mlflow=mlflow)
     if restore:  # Tune keeps its experiment at a URI itself
         filesystem, experiment = run_storage(storage.join(run_dir, EXPERIMENT))
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
