@@ -111,7 +111,7 @@ SMOKE = Sizes(budget_s=300, budgets={"env": 60, "model": 60, "ray": 60, "data": 
                                      "predict": 90, "tune": 150, "train_compile": 30},
               ray_cpus=4, model_batches=(2,), model_size=32, model_steps=(1, 3), train_images=40, raw_size="40x32",
               size=32, test_fraction=0.25, batch=8, test_batch=8, epochs=2, predict_images=12, predict_small=0,
-              predict_batches=(8,), tune_lrs=(1e-3, 3e-3), tune_epochs=1)
+              predict_batches=(8,), tune_lrs=(1e-3,), tune_epochs=1)
 
 
 class Skip(Exception):

@@ -240,6 +240,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if not importlib.util.find_spec("fastapi"):
+        raise UserError("raypets serve needs Ray Serve: pip install 'raypets[serve]'")
     from raypets.stages.serve import ServeConfig, serve_until_interrupted
 
     cfg = ServeConfig(checkpoint=args.checkpoint, port=args.port, host=args.host, replicas=args.replicas,

@@ -205,7 +205,7 @@ print(pred.shape)
 def test_show_draws_the_hostile_names_at_their_original_size(predicted, tree):
     grid = tree / "grid.png"
     assert main(["show", str(predicted[0]), "--images", str(tree / "in"), "--rows", "20", "--out", str(grid)]) == 0
-    assert Image.open(grid).size == (2 * 260, len(PREDICTED) * 260)
+    assert Image.open(grid).size == (3 * 260, len(PREDICTED) * 260)  # input, overlay, prediction
 
 
 def test_rerun_gives_identical_arrays_and_half_precision_halves_the_file(predicted, tree):
