@@ -192,6 +192,27 @@ def test_prepare_into_a_folder_only_its_tasks_node_sees_fails_and_says_why(split
     assert not shards.exists()  # no manifest naming shards that no reader finds
 
 
+def test_a_two_node_training_job_prints_each_epoch_once(tmp_path):
+    """Two nodes joined with ``ray start``, each with its own temp dir as on two machines (two nodes of one machine
+    that share one would both forward every worker's log lines, so each printed twice), a 2-worker job: one line
+    per epoch, no ERROR line of Ray's."""
+    raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
+    assert main(["synth", str(raw), "--n", "16", "--size", "64x48"]) == 0
+    with _loopback_head(num_cpus=1) as started:
+        own_temp = ["--node-ip-address=127.0.0.1", f"--temp-dir={started['temp'] / 'node2'}", "--disable-usage-stats"]
+        subprocess.Popen(["ray", "start", f"--address=127.0.0.1:{started['gcs']}", "--num-cpus=4", "--block",
+                          *_agent_args(*free_ports(3)), *own_temp], env=started["env"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+        status, logs = _submit(started, "pipelines/prepare.py", str(raw), str(shards), "--size", "32", "--no-progress")
+        assert status == "SUCCEEDED", logs
+        status, logs = _submit(started, "pipelines/train.py", "--data", str(shards), "--run-dir", str(run),
+                               "--epochs", "2", "--workers", "2", "--batch-size", "4", "--test-batch-size", "4",
+                               "--warmup-steps", "2", "--no-progress")
+    assert status == "SUCCEEDED", logs
+    assert [logs.count(f"epoch {epoch}/2  train loss") for epoch in (1, 2)] == [1, 1], logs
+    assert not re.search(r"\d E \d+ \d+\]", logs), logs
+
+
 def test_a_job_with_a_missing_data_folder_fails_with_that_message(head, tmp_path):
     missing = tmp_path / "no-such-shards"
     status, logs = _submit(head, "pipelines/train.py", "--data", str(missing), "--run-dir", str(tmp_path / "run"))
