@@ -116,7 +116,10 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in the run folder (or at its URI)
         for plot in plot_curves(read_metrics(cfg.run_dir), Path(folder)):
             storage.upload(plot, storage.join(cfg.run_dir, plot.name))
-    write_kept(cfg, result.best_checkpoints or [], ray_run_name)
+    kept = list(result.best_checkpoints or [])
+    if result.checkpoint is not None and all(c.path != result.checkpoint.path for c, _ in kept):
+        kept.append((result.checkpoint, result.metrics))  # the latest, which Ray keeps beside its best N
+    write_kept(cfg, kept, ray_run_name)
     metrics = dict(result.metrics or {})
     if result.checkpoint is not None:  # Ray names it by its path in the bucket; say it as the run's URI
         checkpoint = ray_checkpoint(cfg.run_dir, result.checkpoint.path, ray_run_name)
