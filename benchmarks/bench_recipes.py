@@ -44,8 +44,8 @@ def run_size(root: Path, name: str, recipes: list[str], seeds: int) -> list[dict
     prepare(PrepareConfig(root / name / "raw", shards, size=(size["size"], size["size"]),
                           test_fraction=size["test_fraction"]))
     rows = []
-    for recipe in recipes:
-        for seed in range(seeds):
+    for seed in range(seeds):  # the recipes of one seed run back to back: the machine's drift is shared
+        for recipe in recipes:
             run = root / name / f"{recipe}-{seed}"
             started = time.perf_counter()
             train(TrainConfig(data=shards, run_dir=run, workers=2, batch_size=BATCH, test_batch_size=2 * BATCH,
@@ -55,7 +55,7 @@ def run_size(root: Path, name: str, recipes: list[str], seeds: int) -> list[dict
             history = read_metrics(run)
             rows.append({"size": name, "recipe": recipe, "seed": seed, "history": history,
                          "minutes": (time.perf_counter() - started) / 60})
-    return rows
+    return sorted(rows, key=lambda row: (recipes.index(row["recipe"]), row["seed"]))
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -176,6 +176,11 @@ def _nanmean(values: Tensor) -> float:
     return float(kept.mean()) if kept.numel() else math.nan
 
 
+def nan_last(value: float, *, descending: bool = False) -> tuple[bool, float]:
+    """Sort key of a metric value: ascending (``descending``: the highest first), a NaN (nothing to score) last."""
+    return (True, 0.0) if math.isnan(value) else (False, -value if descending else value)
+
+
 def format_metric(value: float | None) -> str:
     """A metric as the tables print it: 4 decimals, ``n/a`` for a missing or NaN value."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"

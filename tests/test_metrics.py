@@ -179,3 +179,12 @@ def test_per_image_matrices_are_each_images_own_confusion_matrix():
         assert torch.equal(matrices[i], one.matrix)
         assert mean_dice(matrices[i]).item() == pytest.approx(one.compute()["mean_dice"])
     assert mean_dice(matrices)[2].item() == 1.0
+
+
+def test_nan_last_ranks_either_way_with_nothing_to_score_last():
+    from raypets.metrics import nan_last
+
+    values = [0.5, float("nan"), 0.9, 0.1]
+    ascending, descending = sorted(values, key=nan_last), sorted(values, key=lambda v: nan_last(v, descending=True))
+    assert ascending[:3] == [0.1, 0.5, 0.9] and math.isnan(ascending[3])
+    assert descending[:3] == [0.9, 0.5, 0.1] and math.isnan(descending[3])

@@ -18,7 +18,7 @@ import torch
 from raypets.checkpoints import load_model, resolve_checkpoint
 from raypets.errors import UserError
 from raypets.inference import TTA, ModelRunner, tta_probabilities
-from raypets.metrics import ConfusionMatrix, format_metric, image_matrices, mean_dice
+from raypets.metrics import ConfusionMatrix, format_metric, image_matrices, mean_dice, nan_last
 from raypets.model import require_image_size
 from raypets.outputs import check_output_file
 from raypets.precision import PRECISIONS, resolve_precision
@@ -88,7 +88,7 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
         total.matrix += images.sum(0)
         per_image.update(zip(map(_text, batch["name"]), mean_dice(images).tolist(), strict=True))
     result = total.compute()
-    ranked = sorted(per_image.items(), key=lambda item: (_nan_last(item[1]), item[0]))
+    ranked = sorted(per_image.items(), key=lambda item: (nan_last(item[1]), item[0]))  # worst first
     return {"checkpoint": redact(resolved.uri or str(resolved.weights)), "data": redact(str(data)), "split": split,
             "images": len(per_image), "tta": tta, **result, "confusion_matrix": total.matrix.tolist(),
             "per_image": dict(sorted(per_image.items())), "worst": [list(item) for item in ranked[:WORST]]}
@@ -96,11 +96,6 @@ def evaluate(checkpoint: Location, data: Location, split: str = "test", *, batch
 
 def _text(name: str | bytes) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-
-
-def _nan_last(value: float) -> float:
-    """Sort key: an image whose mean Dice is NaN (nothing of any class in it, e.g. an ignored mask) comes last."""
-    return math.inf if math.isnan(value) else value
 
 
 def format_metrics(result: dict) -> str:

@@ -7,7 +7,6 @@ data, starts the trainer, and draws the curves when it ends.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from raypets import storage, tracking
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, weights_name
 from raypets.config import TrainConfig
 from raypets.errors import UserError
+from raypets.metrics import nan_last
 from raypets.model import build_network, count_parameters, require_image_size
 from raypets.plots import plot_curves
 from raypets.precision import require_cuda
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
 def write_kept(cfg: TrainConfig, kept: list[tuple[ray.train.Checkpoint, dict]], ray_run_name: str) -> None:
     """``RUN/kept_checkpoints.json``: the Ray checkpoints the run keeps, best test mean Dice first, each with its
     epoch, its Dice and why it is kept: ``best`` (among the ``--keep`` N), ``latest``, or ``all`` (no ``--keep``)."""
-    ranked = sorted(kept, key=lambda pair: _score(pair[1]["mean_dice"]), reverse=True)
+    ranked = sorted(kept, key=lambda pair: nan_last(pair[1]["mean_dice"], descending=True))
     latest = max((metrics["epoch"] for _, metrics in kept), default=None)
     rows = [{"checkpoint": str(ray_checkpoint(cfg.run_dir, checkpoint.path, ray_run_name)), "epoch": metrics["epoch"],
              "mean_dice": metrics["mean_dice"],
@@ -139,10 +139,6 @@ def write_kept(cfg: TrainConfig, kept: list[tuple[ray.train.Checkpoint, dict]], 
              [why for why, yes in (("best", rank < cfg.keep), ("latest", metrics["epoch"] == latest)) if yes]}
             for rank, (checkpoint, metrics) in enumerate(ranked)]
     storage.write_text(storage.join(cfg.run_dir, KEPT_FILE), json.dumps(redact(rows), indent=2) + "\n")
-
-
-def _score(dice: float) -> float:
-    return float("-inf") if math.isnan(dice) else dice
 
 
 def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:

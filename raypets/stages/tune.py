@@ -28,6 +28,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from raypets import storage, tracking
 from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, resolve_checkpoint
 from raypets.errors import UserError
+from raypets.metrics import nan_last
 from raypets.plots import plot_metric_vs_lr
 from raypets.redaction import redact
 from raypets.stages.runtime import init_ray, released_when_done, run_storage, set_progress_bars, use_gpus
@@ -203,7 +204,7 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
     analysis = ray.tune.ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
     status = {t.trial_id: t.status for t in analysis.trials}
     rows = sorted((_row(result, sweep, status, run_dir) for result in results),
-                  key=lambda r: _rank_key(r[sweep.metric], sweep.mode))
+                  key=lambda r: nan_last(r[sweep.metric], descending=sweep.mode == "max"))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     columns = ["rank", "trial_id", *sweep.space, sweep.metric, "best_epoch", "epochs_run", "stopped_early", "status",
@@ -224,10 +225,6 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep, run_dir: Location) -> 
             "table": format_trials(shown, columns[:-1]),
             "errors": [(r["trial_id"], r["error"]) for r in shown if r["status"] == "error"],
             "unfinished": [r["trial_id"] for r in shown if r["status"] == "unfinished"]}
-
-
-def _rank_key(value: float, mode: str) -> tuple:
-    return (True, 0.0) if math.isnan(value) else (False, -value if mode == "max" else value)
 
 
 def _row(result: ray.tune.Result, sweep: Sweep, status: dict[str, str], run_dir: Location) -> dict:
