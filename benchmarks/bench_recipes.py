@@ -1,6 +1,7 @@
 """Which recipe should be the default? ``tutorial``, ``robust`` and ``strong`` over 5 seeds, at two data sizes.
 
     python benchmarks/bench_recipes.py [--sizes demo,quality] [--recipes tutorial,robust,strong] [--seeds 5]
+                                       [--first-seed 0]
                                        [--write-docs]
 
 Sizes: ``demo`` is ``raypets demo``'s synthetic set (400 images at 192x144, prepared at 64 px, 15% test, 12 epochs,
@@ -30,7 +31,7 @@ SIZES = {  # synth images, their (width, height), network size, test fraction, e
 BATCH = 16
 
 
-def run_size(root: Path, name: str, recipes: list[str], seeds: int) -> list[dict]:
+def run_size(root: Path, name: str, recipes: list[str], seeds: range) -> list[dict]:
     """Every recipe and seed at size ``name``: one row per run with its final metrics and minutes."""
     from raypets.config import RECIPES, TrainConfig
     from raypets.data.synth import synthesize
@@ -44,7 +45,7 @@ def run_size(root: Path, name: str, recipes: list[str], seeds: int) -> list[dict
     prepare(PrepareConfig(root / name / "raw", shards, size=(size["size"], size["size"]),
                           test_fraction=size["test_fraction"]))
     rows = []
-    for seed in range(seeds):  # the recipes of one seed run back to back: the machine's drift is shared
+    for seed in seeds:  # the recipes of one seed run back to back: the machine's drift is shared
         for recipe in recipes:
             run = root / name / f"{recipe}-{seed}"
             started = time.perf_counter()
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="demo,quality")
     parser.add_argument("--recipes", default="tutorial,robust,strong")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST.. (to add seeds to an earlier run)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
@@ -106,13 +108,14 @@ def main() -> None:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         set_progress_bars(False)
         for size in sizes:
-            rows += run_size(Path(tmp), size, recipes, args.seeds)
+            rows += run_size(Path(tmp), size, recipes, range(args.first_seed, args.first_seed + args.seeds))
         ray.shutdown()
     recipes_text = "; ".join(f"`{name}` = {RECIPES[name]}" for name in recipes)
     text = (f"{SECTION}\n\n{date.today().isoformat()}, {started}, 2 CPU workers; `python benchmarks/bench_recipes.py "
-            f"--sizes {args.sizes} --recipes {args.recipes} --seeds {args.seeds}`. RMSprop lr 1e-3, Dice on softmax, "
-            f"0–255 inputs, global batch {BATCH}; the warm-up steps of each size for robust and strong (tutorial: "
-            f"none). {recipes_text}.\n\n" + "\n".join(summary(rows)) + "\n\n" + "\n".join(table(rows)) + "\n")
+            f"--sizes {args.sizes} --recipes {args.recipes} --seeds {args.seeds} --first-seed {args.first_seed}`. "
+            f"RMSprop lr 1e-3, Dice on softmax, 0–255 inputs, global batch {BATCH}; the warm-up steps of each size "
+            f"for robust and strong (tutorial: none). {recipes_text}.\n\n" + "\n".join(summary(rows)) + "\n\n"
+            + "\n".join(table(rows)) + "\n")
     print(text)
     if args.write_docs:
         write_section(SECTION, text)
