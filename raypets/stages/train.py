@@ -116,10 +116,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     with tempfile.TemporaryDirectory() as folder:  # drawn locally, then put in the run folder (or at its URI)
         for plot in plot_curves(read_metrics(cfg.run_dir), Path(folder)):
             storage.upload(plot, storage.join(cfg.run_dir, plot.name))
-    kept = list(result.best_checkpoints or [])
-    if result.checkpoint is not None and all(c.path != result.checkpoint.path for c, _ in kept):
-        kept.append((result.checkpoint, result.metrics))  # the latest, which Ray keeps beside its best N
-    write_kept(cfg, kept, ray_run_name)
+    write_kept(cfg, result, ray_run_name)
     metrics = dict(result.metrics or {})
     if result.checkpoint is not None:  # Ray names it by its path in the bucket; say it as the run's URI
         checkpoint = ray_checkpoint(cfg.run_dir, result.checkpoint.path, ray_run_name)
@@ -128,9 +125,14 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     return metrics
 
 
-def write_kept(cfg: TrainConfig, kept: list[tuple[ray.train.Checkpoint, dict]], ray_run_name: str) -> None:
+def write_kept(cfg: TrainConfig, result: ray.train.Result, ray_run_name: str) -> None:
     """``RUN/kept_checkpoints.json``: the Ray checkpoints the run keeps, best test mean Dice first, each with its
-    epoch, its Dice and why it is kept: ``best`` (among the ``--keep`` N), ``latest``, or ``all`` (no ``--keep``)."""
+    epoch, its Dice and why it is kept: ``best`` (among the ``--keep`` N), ``latest``, or ``all`` (no ``--keep``).
+
+    Ray keeps the latest beside its best N, but ``result.best_checkpoints`` lists only the best: it is added here."""
+    kept = list(result.best_checkpoints or [])
+    if result.checkpoint is not None and all(c.path != result.checkpoint.path for c, _ in kept):
+        kept.append((result.checkpoint, result.metrics))
     ranked = sorted(kept, key=lambda pair: nan_last(pair[1]["mean_dice"], descending=True))
     latest = max((metrics["epoch"] for _, metrics in kept), default=None)
     rows = [{"checkpoint": str(ray_checkpoint(cfg.run_dir, checkpoint.path, ray_run_name)), "epoch": metrics["epoch"],
