@@ -100,11 +100,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from raypets.config import RECIPES, TrainConfig, saved_settings
+    from raypets.config import CONFIG_FILE_RECIPE, DEFAULT_RECIPE, RECIPES, TrainConfig, saved_settings
     from raypets.stages.runtime import set_progress_bars
     from raypets.stages.train import train
 
-    settings = dict(RECIPES[args.recipe])
+    settings = dict(RECIPES[args.recipe or (CONFIG_FILE_RECIPE if args.config else DEFAULT_RECIPE)])
     flags = {key: value for key, value in vars(args).items() if key in _TRAIN_FLAGS and value is not None}
     if args.from_file:
         settings.update(saved_settings(args.from_file))
@@ -301,22 +301,23 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="the optimizer's weight decay (default: its own, AdamW 0.01)")
     parser.add_argument("--lr-schedule", dest="lr_scheduler", type=_lr_schedule, metavar="SCHEDULE",
                         help=f"after the warm-up: {', '.join(LR_SCHEDULES)}; one with settings as JSON, e.g. "
-                        "'{\"type\": \"poly\", \"power\": 0.9}' (default: constant)")
+                        "'{\"type\": \"poly\", \"power\": 0.9}' (strong: cosine; robust, tutorial: constant)")
     parser.add_argument("--loss", choices=LOSSES, help="default dice (on softmax)")
     parser.add_argument("--class-weights", type=_floats, metavar="W,W,W",
                         help="per-class loss weights, in the data's class order (default: equal)")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="robust",
-                        help="robust (default: LR warm-up, BN momentum 0.1), strong (robust with augmentation and a "
-                        "cosine LR) or tutorial (literal rmldnn recipe)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES),
+                        help="strong (default: robust with augmentation and a cosine LR), robust (LR warm-up, BN "
+                        "momentum 0.1; the default with --config) or tutorial (literal rmldnn recipe)")
     parser.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps (robust: 100, tutorial: 0)")
     parser.add_argument("--bn-momentum", type=float, help="torch BatchNorm momentum (robust: 0.1, tutorial: 0.01)")
-    parser.add_argument("--hflip", type=float, help="random horizontal flip probability (default 0)")
+    parser.add_argument("--hflip", type=float, help="random horizontal flip probability (strong: 0.5, else 0)")
     parser.add_argument("--vflip", type=float, help="random vertical flip probability (default 0)")
     parser.add_argument("--crop-scale", type=float, metavar="SHARE",
-                        help="random resized crop keeping at least this share of the area (default 1: none)")
-    parser.add_argument("--rotate", type=float, metavar="DEGREES", help="random rotation up to this (default 0)")
+                        help="random resized crop keeping at least this share of the area (strong: 0.5, else 1: none)")
+    parser.add_argument("--rotate", type=float, metavar="DEGREES",
+                        help="random rotation up to this (strong: 10, else 0)")
     parser.add_argument("--color-jitter", type=float, metavar="STRENGTH",
-                        help="brightness, contrast and saturation each scaled by up to 1 +- this (default 0)")
+                        help="brightness, contrast and saturation each scaled by up to 1 +- this (strong: 0.2, else 0)")
     parser.add_argument("--network", type=_local, help="Keras JSON network (default: the built-in XceptionUNet)")
     parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
     parser.add_argument("--keep", type=int,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from raypets.config import RECIPES, TrainConfig, saved_settings
+from raypets.config import DEFAULT_RECIPE, RECIPES, TrainConfig, saved_settings
 from raypets.data.synth import synthesize
 from raypets.demo_report import DemoFolders, write_report
 from raypets.errors import UserError
@@ -60,7 +60,7 @@ class Settings:
     sweep_epochs: int
     rows: int  # samples in the grid
     workers: int | None = None  # Ray Train workers unless --workers says; None: one per GPU, else 2
-    recipe: str = "robust"  # raypets train --recipe
+    recipe: str = DEFAULT_RECIPE  # raypets train --recipe
 
     def training(self) -> dict:
         """The TrainConfig settings of the sweep's trials (the run trains the winner's for ``epochs``)."""
@@ -72,8 +72,7 @@ QUICK = Settings(images=24, raw_size=(64, 48), size=32, test_fraction=0.25, epoc
                  warmup_steps=2, sweep_lrs=(1e-3, 3e-3), sweep_epochs=1, rows=4,
                  workers=1)  # a smoke test spends its time starting processes: one worker starts fewer
 SYNTHETIC = Settings(images=400, raw_size=(192, 144), size=64, test_fraction=0.15, epochs=12, batch_size=16,
-                     test_batch_size=32, warmup_steps=20, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=2, rows=6,
-                     recipe="strong")  # ahead of robust at this size in every seed (docs/benchmarks.md)
+                     test_batch_size=32, warmup_steps=20, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=2, rows=6)
 TUTORIAL = Settings(images=0, raw_size=(0, 0), size=160, test_fraction=0.1, epochs=30, batch_size=64,
                     test_batch_size=128, warmup_steps=100, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=5, rows=6)
 

@@ -41,7 +41,7 @@ from pydantic import (
 
 from raypets import storage
 from raypets.classes import CLASS_NAMES
-from raypets.config import TRAIN_PATHS, TrainConfig
+from raypets.config import DEFAULT_RECIPE, RECIPES, TRAIN_PATHS, TrainConfig
 from raypets.errors import UserError
 from raypets.schema import Model, invalid, user_error
 from raypets.storage import Location
@@ -240,7 +240,7 @@ def load_sweep(path: Path, data: Location, *, samples: int | None = None, worker
         raise user_error(path, err) from None
     if sweep.search == "optuna":
         _require_optuna(path)
-    train = {**SWEEP_DEFAULTS, **sweep.train, "data": str(data)}
+    train = {**SWEEP_DEFAULTS, **RECIPES[DEFAULT_RECIPE], **sweep.train, "data": str(data)}  # as raypets train
     # Absolute: Tune runs each trial in a folder of its own.
     train.update({key: str(storage.absolute(storage.parse(train[key]))) for key in TRAIN_PATHS if train.get(key)})
     for key in ("network", "init_weights"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from raypets.cli import main
+from raypets.config import RECIPES, TrainConfig
 from raypets.data.synth import synthesize
 from raypets.errors import UserError
 from raypets.keras_json import REFERENCE_NETWORK
@@ -66,6 +67,24 @@ def test_a_wrong_type_is_one_line_naming_its_key(tmp_path, capsys):
                                        "got 'ten'\n")
     with pytest.raises(UserError, match=r"neural_network\.optimizer: lr_scheduler type 'cyclic' is not one of"):
         training_settings(tutorial_copy(tmp_path, **{"optimizer.lr_scheduler": {"type": "Cyclic"}}))
+
+
+def test_train_runs_the_strong_recipe_and_a_config_file_the_robust_one(tmp_path, capsys):
+    def printed(*flags: str) -> dict:
+        assert main(["train", *flags, "--print-config"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def recipe_of(settings: dict) -> str:
+        keys = ("warmup_steps", "bn_momentum", "hflip", "crop_scale", "rotate", "color_jitter", "lr_scheduler")
+        full = {name: TrainConfig(data="d", run_dir="r", **recipe).to_dict() for name, recipe in RECIPES.items()}
+        return next(name for name, recipe in full.items() if all(settings[key] == recipe[key] for key in keys))
+
+    folders = ["--data", str(tmp_path / "shards"), "--run-dir", str(tmp_path / "run")]
+    assert recipe_of(printed(*folders)) == "strong"
+    assert recipe_of(printed(*folders, "--recipe", "robust")) == "robust"
+    config = tutorial_copy(tmp_path)  # the tutorial's file: its recipe made robust, as before strong existed
+    assert recipe_of(printed("--config", str(config))) == "robust"
+    assert recipe_of(printed("--config", str(config), "--recipe", "tutorial")) == "tutorial"
 
 
 def test_another_network_file_is_built_from_json(tmp_path):

@@ -18,7 +18,7 @@ from helpers import prepared_shards, tensorboard_events
 
 from raypets.checkpoints import STATE_FILE, load_model, resolve_checkpoint
 from raypets.cli import main
-from raypets.config import TrainConfig
+from raypets.config import DEFAULT_RECIPE, RECIPES, TrainConfig
 from raypets.errors import UserError
 from raypets.metrics import ConfusionMatrix
 from raypets.model import to_inputs
@@ -226,6 +226,19 @@ def test_keep_and_lr_scheduler_are_sweep_settings(tmp_path):
                                 "  lr_scheduler: {grid: [null, {type: step, step_size: 2, gamma: 0.5}]}\n"), tmp_path)
     assert searched.space == {"keep": {"choice": [None, 2]}, "lr_scheduler": {"grid": [None, schedule]}}
     assert searched.trial_config(tmp_path, {"keep": 2, "lr_scheduler": schedule}).keep == 2
+
+
+def test_trials_train_the_default_recipe_unless_the_sweep_sets_another(tmp_path):
+    def recipe(trial: TrainConfig) -> tuple:
+        return trial.hflip, trial.crop_scale, trial.rotate, trial.color_jitter, trial.lr_scheduler, trial.warmup_steps
+
+    default = load_sweep(write(tmp_path / "d.yaml", "space: {lr: {grid: [1.0e-3]}}\n"), tmp_path)
+    assert recipe(default.trial_config(tmp_path, {"lr": 1e-3})) == recipe(TrainConfig(tmp_path, tmp_path,
+                                                                                       **RECIPES[DEFAULT_RECIPE]))
+    robust = load_sweep(write(tmp_path / "r.yaml", "train: {hflip: 0, crop_scale: 1, rotate: 0, color_jitter: 0, "
+                              "lr_scheduler: null}\nspace: {lr: {grid: [1.0e-3]}}\n"), tmp_path)
+    assert recipe(robust.trial_config(tmp_path, {"lr": 1e-3})) == recipe(TrainConfig(tmp_path, tmp_path,
+                                                                                      **RECIPES["robust"]))
 
 
 def test_trials_share_a_gpu_with_a_fraction_of_one_worker_each(tmp_path):

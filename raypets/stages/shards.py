@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import ray.data  # also registers the tensor extension type of the shards' columns
+from ray.data import FileShuffleConfig
 
 from raypets import storage
 from raypets.errors import UserError
@@ -35,9 +36,11 @@ def split_path(data: Location, split: str, manifest: dict | None = None) -> Loca
     return storage.join(data, split)
 
 
-def open_split(data: Location, split: str, columns: list[str] | None = None, manifest: dict | None = None):
+def open_split(data: Location, split: str, columns: list[str] | None = None, manifest: dict | None = None,
+               file_order_seed: int | None = None):
     """The split as a Ray Dataset (columns ``name``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8, ...);
-    ``manifest``: ``read_manifest(data)`` read already (each read is three requests at a URI)."""
+    ``manifest``: ``read_manifest(data)`` read already (each read is three requests at a URI);
+    ``file_order_seed``: each pass over the dataset reads its Parquet files in a new order, drawn from this seed."""
     manifest = manifest or read_manifest(data)
     path = split_path(data, split, manifest)
     if manifest["counts"][split] == 0:
@@ -46,7 +49,8 @@ def open_split(data: Location, split: str, columns: list[str] | None = None, man
     # Ray Data's V1 Parquet reader: V2's ListFiles -> ReadFiles chain cost 5-8 s per read of a small split here,
     # V1 0.3 s (and each training run, sweep and evaluation reads one or two splits).
     with data_context(use_datasource_v2=False):
-        dataset = ray.data.read_parquet(fs_path, filesystem=filesystem)
+        shuffle = None if file_order_seed is None else FileShuffleConfig(file_order_seed, reseed_after_execution=True)
+        dataset = ray.data.read_parquet(fs_path, filesystem=filesystem, shuffle=shuffle)
     return dataset.select_columns(columns) if columns else dataset
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import ray
 import ray.train
 import ray.train.torch
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.dataset import MaterializedDataset
 
 from raypets import storage, tracking
@@ -40,7 +42,8 @@ from raypets.stages.train_loop import train_loop_per_worker
 from raypets.storage import Location
 
 MEMORY_SHARE = 0.5  # --data-cache auto keeps splits in the object store up to this share of it, else streams
-STREAM_BUFFER_SHARE, STREAM_BUFFER_MAX = 0.25, 512 * 2**20  # what streamed splits may hold in the object store
+STREAM_BUFFER_SHARE, STREAM_BUFFER_MAX = 0.1, 512 * 2**20  # what streamed splits may hold in the object store
+STEP_PAUSE_S = 0.05  # a streamed split's scheduling steps are at least this far apart (PacedScheduling)
 
 
 def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | None = None,
@@ -88,7 +91,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     if use_gpu:
         check_cuda_workers(cfg.gpus_per_worker)
     fast_reports()
-    datasets = datasets or load_datasets(cfg.data, manifest, cfg.data_cache)
+    datasets = datasets or load_datasets(cfg.data, manifest, cfg.data_cache, cfg.seed)
     streamed = not isinstance(datasets["train"], MaterializedDataset)
     filesystem, storage_path = run_storage(cfg.run_dir)  # Ray Train persists checkpoints to a URI itself
     started = tracking.start(cfg.tracking, cfg.run_dir, cfg.to_dict(), resume=cfg.resume, mlflow=mlflow)
@@ -164,20 +167,32 @@ def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     ]))
 
 
-def load_datasets(data: Location, manifest: dict, cache: str = "auto") -> dict:
+def load_datasets(data: Location, manifest: dict, cache: str = "auto", seed: int = 0) -> dict:
     """Both splits of the prepared ``data`` (with its ``manifest``) as Ray Datasets: ``memory`` reads them once into
     Ray's object store (spilled to disk when large; at 160 px the Oxford-IIIT Pet set is about 0.6 GB), so the epochs
-    re-read no Parquet; ``stream`` reads the shards each epoch, the training split's blocks in a new order each time
-    (with the loop's local shuffle buffer); ``auto`` streams splits larger than ``MEMORY_SHARE`` of the object store."""
+    re-read no Parquet; ``stream`` reads the shards each epoch, the training split's files in a new order each time
+    (drawn from ``seed``; the loop's local shuffle buffer mixes their rows), holding only the blocks ahead of the
+    workers; ``auto`` streams splits larger than ``MEMORY_SHARE`` of the object store."""
     if cache == "auto":
         cache = "stream" if dataset_bytes(manifest) > MEMORY_SHARE * object_store_bytes() else "memory"
     # Progress logged where the epochs iterate them, not sent as bars to the driver (which draws none without tqdm).
-    with data_context(use_ray_tqdm=False):
-        splits = {split: open_split(data, split, columns=["image", "mask"], manifest=manifest)
+    callbacks = [PacedScheduling] if cache == "stream" else []
+    with data_context(use_ray_tqdm=False, custom_execution_callback_classes=callbacks):
+        splits = {split: open_split(data, split, columns=["image", "mask"], manifest=manifest,
+                                    file_order_seed=seed if split == "train" and cache == "stream" else None)
                   for split in ("train", "test")}
         if cache == "memory":
             return {split: dataset.materialize() for split, dataset in splits.items()}
-        return {"train": splits["train"].randomize_block_order(), "test": splits["test"]}
+        return splits
+
+
+class PacedScheduling(ExecutionCallback):
+    """Ray Data's scheduling loop waits for reads to finish, but not while the object-store budget of a streamed
+    split holds back the output of reads that have finished (the workers have not yet taken the blocks ahead): it
+    then spins, taking most of a core from the training beside it. Each step pauses ``STEP_PAUSE_S``."""
+
+    def on_execution_step(self, executor) -> None:
+        time.sleep(STEP_PAUSE_S)
 
 
 def dataset_bytes(manifest: dict) -> int:

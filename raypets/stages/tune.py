@@ -86,7 +86,7 @@ def tune(sweep: Sweep, run_dir: Location, *, resume: bool = False, address: str 
     trial = sweep.trial_config(run_dir, {})
     mlflow = tracking.mlflow_target(run_dir) if "mlflow" in trial.tracking else None  # one store for the trials
     init_ray(address)
-    datasets = load_datasets(data, manifest, trial.data_cache)  # the trials' own setting
+    datasets = load_datasets(data, manifest, trial.data_cache, trial.seed)  # the trials' own settings
     trainable = ray.tune.with_parameters(run_trial, sweep=sweep.to_dict(), run_dir=str(run_dir),
                                          datasets=datasets, progress=progress, mlflow=mlflow)
     if restore:  # Tune keeps its experiment at a URI itself
