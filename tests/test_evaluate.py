@@ -20,7 +20,9 @@ from raypets.stages.shards import load_split
 def test_a_run_folder_evaluates_to_the_test_metrics_training_reported_for_its_best_epoch(quick_demo, tmp_path,
                                                                                         capsys):
     run, shards = quick_demo["out"] / "train", quick_demo["out"] / "shards"
-    best = max(read_metrics(run), key=lambda m: m["mean_dice"])  # the checkpoint a run folder stands for
+    saved = {int(path.stem.rsplit("_", 1)[1]) for path in run.glob("ray_train/checkpoint_*/model_checkpoint_*.pt")}
+    best = max((m for m in read_metrics(run) if m["epoch"] in saved),  # the checkpoint a run folder stands for
+               key=lambda m: (m["mean_dice"], m["epoch"]))
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(shards), "--out", str(out), "--batch-size", "5",
                  "--workers", "2"]) == 0
