@@ -176,8 +176,9 @@ def load_datasets(data: Location, manifest: dict, cache: str = "auto", seed: int
     if cache == "auto":
         cache = "stream" if dataset_bytes(manifest) > MEMORY_SHARE * object_store_bytes() else "memory"
     # Progress logged where the epochs iterate them, not sent as bars to the driver (which draws none without tqdm).
-    callbacks = [PacedScheduling] if cache == "stream" else []
-    with data_context(use_ray_tqdm=False, custom_execution_callback_classes=callbacks):
+    callbacks = ray.data.DataContext.get_current().custom_execution_callback_classes  # a user's own are kept
+    paced = {"custom_execution_callback_classes": [*callbacks, PacedScheduling]} if cache == "stream" else {}
+    with data_context(use_ray_tqdm=False, **paced):
         splits = {split: open_split(data, split, columns=["image", "mask"], manifest=manifest,
                                     file_order_seed=seed if split == "train" and cache == "stream" else None)
                   for split in ("train", "test")}
