@@ -113,11 +113,13 @@ def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Mod
     """The network of ``checkpoint`` with its weights, in eval mode, on the CPU.
 
     ``network`` (a Keras-JSON file) overrides the one the checkpoint names. The number of classes of the built-in
-    network is read from the weights. Weights that do not fit the network are one clear error.
+    network, and whether it has U-Net skips, are read from the weights. Weights that do not fit the network are one
+    clear error.
     """
     state = _load(checkpoint.weights)
     network = network or checkpoint.network
-    model = build_network(_num_classes(state, checkpoint.weights), network)
+    skips = any(key.startswith("skips.") for key in state)
+    model = build_network(_num_classes(state, checkpoint.weights), network, skips=skips)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

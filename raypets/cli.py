@@ -262,8 +262,8 @@ def _serve(args: argparse.Namespace) -> int:
 _TRAIN_FLAGS = {"data", "run_dir", "workers", "device", "precision", "sync_bn", "compile", "data_cache", "epochs",
                 "batch_size", "test_batch_size", "lr", "optimizer", "loss", "warmup_steps", "bn_momentum", "hflip",
                 "vflip", "crop_scale", "rotate", "color_jitter", "weight_decay", "class_weights", "lr_scheduler",
-                "network", "checkpoint_every", "keep", "progress_every", "max_failures", "resume", "overwrite",
-                "seed", "name", "tracking"}
+                "network", "unet_skips", "checkpoint_every", "keep", "progress_every", "max_failures", "resume",
+                "overwrite", "seed", "name", "tracking"}
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -306,8 +306,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-weights", type=_floats, metavar="W,W,W",
                         help="per-class loss weights, in the data's class order (default: equal)")
     parser.add_argument("--recipe", choices=sorted(RECIPES),
-                        help="strong (default: robust with augmentation and a cosine LR), robust (LR warm-up, BN "
-                        "momentum 0.1; the default with --config) or tutorial (literal rmldnn recipe)")
+                        help="strong (default: robust with augmentation, a cosine LR and U-Net skips), robust (LR "
+                        "warm-up, BN momentum 0.1; the default with --config) or tutorial (literal rmldnn recipe)")
     parser.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps (robust: 100, tutorial: 0)")
     parser.add_argument("--bn-momentum", type=float, help="torch BatchNorm momentum (robust: 0.1, tutorial: 0.01)")
     parser.add_argument("--hflip", type=float, help="random horizontal flip probability (strong: 0.5, else 0)")
@@ -319,6 +319,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--color-jitter", type=float, metavar="STRENGTH",
                         help="brightness, contrast and saturation each scaled by up to 1 +- this (strong: 0.2, else 0)")
     parser.add_argument("--network", type=_local, help="Keras JSON network (default: the built-in XceptionUNet)")
+    parser.add_argument("--unet-skips", action=argparse.BooleanOptionalAction, default=None,
+                        help="the built-in network with U-Net's encoder-to-decoder skips (strong: on, else off)")
     parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 5)")
     parser.add_argument("--keep", type=int,
                         help="keep the N Ray checkpoints with the best test mean Dice, and the latest (default all)")

@@ -27,7 +27,7 @@ RECIPES = {
     "robust": {"warmup_steps": 100, "bn_momentum": 0.1},
     "tutorial": {"warmup_steps": 0, "bn_momentum": 0.01},
     "strong": {"warmup_steps": 100, "bn_momentum": 0.1, "hflip": 0.5, "crop_scale": 0.5, "rotate": 10.0,
-               "color_jitter": 0.2, "lr_scheduler": {"type": "cosine"}},
+               "color_jitter": 0.2, "lr_scheduler": {"type": "cosine"}, "unet_skips": True},
 }
 # ``raypets train``'s recipe: ``strong`` beat ``robust`` in mean and worst seed at both sizes of the study in
 # docs/benchmarks.md. A run from an rmldnn ``--config`` file keeps ``robust``, the tutorial's recipe made robust.
@@ -73,7 +73,8 @@ class TrainConfig:
     color_jitter: float = 0.0  # brightness, contrast, saturation each scaled by up to 1 +- this
     normalize_mean: float = 0.0
     normalize_std: float = 1 / 255
-    network: Path | None = None
+    network: Path | None = None  # a Keras-JSON file; None: the built-in XceptionUNet
+    unet_skips: bool = False  # the built-in network with U-Net's encoder-to-decoder skips (model.XceptionUNet)
     init_weights: Path | None = None
     checkpoint_every: int = 5
     keep: int | None = None

@@ -88,6 +88,10 @@ class XceptionUNet(nn.Module):
     head: Conv 3x3 to `num_classes`. Skips are additive only. The Keras model's final softmax is left to the loss.
     At 3 classes: 2,055,203 trainable parameters and 3,776 BatchNorm running statistics.
 
+    ``skips`` adds what the Keras model lacks, U-Net's encoder-to-decoder skips: up1..up3's outputs each plus a 1x1
+    conv of the encoder's output at the same scale (down2, down1, entry), so the decoder sees fine detail again
+    (+43,456 parameters).
+
     Keras conventions: TensorFlow "same" padding (asymmetric where the total is odd), Glorot-uniform kernels and
     zero biases, BatchNorm momentum 0.99 / eps 1e-3, i.e. torch `momentum=0.01`. The momentum is a parameter
     because 0.01 makes the running statistics lag far behind early in training (torch's default is 0.1).
@@ -95,7 +99,8 @@ class XceptionUNet(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 3, in_channels: int = 3, bn_momentum: float = 0.01, bn_eps: float = 1e-3
+        self, num_classes: int = 3, in_channels: int = 3, bn_momentum: float = 0.01, bn_eps: float = 1e-3,
+        skips: bool = False,
     ) -> None:
         super().__init__()
         self.entry = nn.Sequential(
@@ -113,22 +118,32 @@ class XceptionUNet(nn.Module):
         self.up1, self.up2, self.up3, self.up4 = (
             UpBlock(c_in, c_out, bn_momentum, bn_eps) for c_in, c_out in pairwise(channels)
         )
-        self.head = KerasConv2d(UP_CHANNELS[-1], num_classes, 3)
+        encoder = (DOWN_CHANNELS[-2], DOWN_CHANNELS[-3], ENTRY_CHANNELS)  # the outputs up1..up3 meet, deepest first
+        self.skips = nn.ModuleList(KerasConv2d(c_in, c_out, 1)
+                                   for c_in, c_out in zip(encoder, UP_CHANNELS[:3], strict=True)) if skips else None
+        self.head = KerasConv2d(UP_CHANNELS[-1], num_classes, 3)  # last, in the weights too (checkpoints reads it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"XceptionUNet expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
         check_image_size(x.shape[-2], x.shape[-1])
-        x = self.entry(x)
-        for block in (self.down1, self.down2, self.down3, self.up1, self.up2, self.up3, self.up4):
+        encoded = [self.entry(x)]
+        for block in (self.down1, self.down2, self.down3):
+            encoded.append(block(encoded[-1]))
+        x = encoded.pop()
+        for i, block in enumerate((self.up1, self.up2, self.up3, self.up4)):
             x = block(x)
+            if self.skips is not None and encoded:
+                x = x + self.skips[i](encoded.pop())
         return self.head(x)
 
 
-def build_network(num_classes: int, network: Path | None = None, bn_momentum: float = 0.01) -> nn.Module:
-    """The built-in XceptionUNet, or the Keras-JSON network file ``network``, with ``bn_momentum``."""
+def build_network(num_classes: int, network: Path | None = None, bn_momentum: float = 0.01,
+                  skips: bool = False) -> nn.Module:
+    """The built-in XceptionUNet (with U-Net ``skips`` if asked), or the Keras-JSON network file ``network``, with
+    ``bn_momentum``."""
     if network is None:
-        return XceptionUNet(num_classes=num_classes, bn_momentum=bn_momentum)
+        return XceptionUNet(num_classes=num_classes, bn_momentum=bn_momentum, skips=skips)
     return from_keras_json(network, bn_momentum=bn_momentum)
 
 

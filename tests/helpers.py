@@ -97,11 +97,13 @@ def state_dict_file(path: Path, seed: int, num_classes: int = 3) -> dict:
     return state
 
 
-def ray_checkpoint_folder(folder: Path, epoch: int, seed: int, config: dict | None = None) -> dict:
-    """A Ray checkpoint folder as training writes it (``raypets.checkpoints.save_state``); returns its weights."""
+def ray_checkpoint_folder(folder: Path, epoch: int, seed: int, config: dict | None = None,
+                          skips: bool = False) -> dict:
+    """A Ray checkpoint folder as training writes it (``raypets.checkpoints.save_state``), of the network with U-Net
+    ``skips`` if asked; returns its weights."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    weights = XceptionUNet().state_dict()
+    weights = XceptionUNet(skips=skips).state_dict()
     save_state(folder, weights=weights, optimizer={}, epoch=epoch, step=10 * epoch, config=config or {})
     assert (folder / weights_name(epoch)).is_file()
     return weights

@@ -10,6 +10,7 @@ from helpers import ray_checkpoint_folder, state_dict_file
 
 from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
 from raypets.errors import UserError
+from raypets.model import XceptionUNet
 
 
 def _same(model: torch.nn.Module, state: dict) -> bool:
@@ -53,6 +54,14 @@ def test_sweep_best_json_points_at_aray_checkpoint_folder(tmp_path):
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"metric": "mean_dice", "value": 0.5, "checkpoint": str(folder)}))
     assert _same(load_model(resolve_checkpoint(best)), state)
+
+
+def test_weights_of_the_network_with_unet_skips_load_into_it(tmp_path):
+    torch.manual_seed(0)
+    state = XceptionUNet(skips=True).state_dict()
+    torch.save(state, tmp_path / "model_checkpoint_3.pt")
+    model = load_model(resolve_checkpoint(tmp_path / "model_checkpoint_3.pt"))
+    assert model.skips is not None and _same(model, state)
 
 
 def test_weights_of_another_shape_are_one_clear_error(tmp_path):

@@ -55,8 +55,9 @@ def _runners(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    """A Ray checkpoint (normalisation 0.5/0.25, classes from its data's manifest, a run folder at a URI with keys)
-    exported at 32 px in both formats; the root holds ``ckpt``, ``in`` (two images) and ``out``."""
+    """A Ray checkpoint (the default recipe's network, with U-Net skips; normalisation 0.5/0.25, classes from its
+    data's manifest, a run folder at a URI with keys) exported at 32 px in both formats; the root holds ``ckpt``,
+    ``in`` (two images) and ``out``."""
     root = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
     for name, (height, width, mode) in IMAGES.items():
@@ -64,7 +65,7 @@ def exported(tmp_path_factory) -> Path:
     (root / "shards").mkdir()
     (root / "shards" / "manifest.json").write_text(json.dumps({"classes": ["cat", "bg", "edge"]}))
     config = {"normalize_mean": 0.5, "normalize_std": 0.25, "data": str(root / "shards"), "run_dir": SECRET}
-    ray_checkpoint_folder(root / "ckpt", epoch=2, seed=0, config=config)
+    ray_checkpoint_folder(root / "ckpt", epoch=2, seed=0, config=config, skips=True)
     state = torch.load(root / "ckpt" / STATE_FILE, weights_only=True)
     torch.save({**state, "config": config}, root / "ckpt" / STATE_FILE)  # keys kept, as older raypets saved them
     code, printed, _ = _cli("export", "--checkpoint", str(root / "ckpt"), str(root / "out"), "--size", str(SIZE))

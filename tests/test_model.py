@@ -42,6 +42,22 @@ def test_submodules_are_named_readably(model: XceptionUNet) -> None:
     assert {"entry.conv.weight", "down1.sep1.depthwise.weight", "up4.deconv2.weight", "head.bias"} <= set(keys)
 
 
+def test_unet_skips_add_each_encoder_scale_to_the_decoder_and_change_nothing_else(model: XceptionUNet) -> None:
+    skips = XceptionUNet(skips=True).eval()
+    assert count_parameters(skips) == 2_055_203 + (128 * 256 + 256) + (64 * 128 + 128) + (32 * 64 + 64)
+    assert skips.load_state_dict(model.state_dict(), strict=False).missing_keys == [
+        f"skips.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    x = torch.rand(2, 3, 64, 96) * 255
+    with torch.no_grad():
+        for conv in skips.skips:
+            conv.weight.zero_()
+        torch.testing.assert_close(skips(x), model(x))  # skips of zero: the tutorial's network
+        for conv in skips.skips:  # each skip on its own reaches the output
+            nn.init.normal_(conv.weight)
+            assert not torch.allclose(skips(x), model(x))
+            conv.weight.zero_()
+
+
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (64, 96), (160, 160)])
 def test_output_is_logits_of_input_size(model: XceptionUNet, height: int, width: int) -> None:
     with torch.no_grad():

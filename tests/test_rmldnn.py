@@ -75,7 +75,8 @@ def test_train_runs_the_strong_recipe_and_a_config_file_the_robust_one(tmp_path,
         return json.loads(capsys.readouterr().out)
 
     def recipe_of(settings: dict) -> str:
-        keys = ("warmup_steps", "bn_momentum", "hflip", "crop_scale", "rotate", "color_jitter", "lr_scheduler")
+        keys = ("warmup_steps", "bn_momentum", "hflip", "crop_scale", "rotate", "color_jitter", "lr_scheduler",
+                "unet_skips")
         full = {name: TrainConfig(data="d", run_dir="r", **recipe).to_dict() for name, recipe in RECIPES.items()}
         return next(name for name, recipe in full.items() if all(settings[key] == recipe[key] for key in keys))
 
@@ -85,6 +86,7 @@ def test_train_runs_the_strong_recipe_and_a_config_file_the_robust_one(tmp_path,
     config = tutorial_copy(tmp_path)  # the tutorial's file: its recipe made robust, as before strong existed
     assert recipe_of(printed("--config", str(config))) == "robust"
     assert recipe_of(printed("--config", str(config), "--recipe", "tutorial")) == "tutorial"
+    assert printed(*folders, "--no-unet-skips")["unet_skips"] is False  # a flag overrides its recipe's value
 
 
 def test_another_network_file_is_built_from_json(tmp_path):

@@ -230,13 +230,14 @@ def test_keep_and_lr_scheduler_are_sweep_settings(tmp_path):
 
 def test_trials_train_the_default_recipe_unless_the_sweep_sets_another(tmp_path):
     def recipe(trial: TrainConfig) -> tuple:
-        return trial.hflip, trial.crop_scale, trial.rotate, trial.color_jitter, trial.lr_scheduler, trial.warmup_steps
+        return (trial.hflip, trial.crop_scale, trial.rotate, trial.color_jitter, trial.lr_scheduler, trial.warmup_steps,
+                trial.unet_skips)
 
     default = load_sweep(write(tmp_path / "d.yaml", "space: {lr: {grid: [1.0e-3]}}\n"), tmp_path)
     assert recipe(default.trial_config(tmp_path, {"lr": 1e-3})) == recipe(TrainConfig(tmp_path, tmp_path,
                                                                                        **RECIPES[DEFAULT_RECIPE]))
     robust = load_sweep(write(tmp_path / "r.yaml", "train: {hflip: 0, crop_scale: 1, rotate: 0, color_jitter: 0, "
-                              "lr_scheduler: null}\nspace: {lr: {grid: [1.0e-3]}}\n"), tmp_path)
+                              "lr_scheduler: null, unet_skips: false}\nspace: {lr: {grid: [1.0e-3]}}\n"), tmp_path)
     assert recipe(robust.trial_config(tmp_path, {"lr": 1e-3})) == recipe(TrainConfig(tmp_path, tmp_path,
                                                                                       **RECIPES["robust"]))
 

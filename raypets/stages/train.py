@@ -148,10 +148,11 @@ def write_kept(cfg: TrainConfig, result: ray.train.Result, ray_run_name: str) ->
 
 def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     """rmldnn-like run header: model and parameters, optimizer, loss, data per worker, batch per worker."""
-    model = build_network(len(manifest["classes"]), cfg.network, cfg.bn_momentum)
+    model = build_network(len(manifest["classes"]), cfg.network, cfg.bn_momentum, cfg.unet_skips)
     counts = manifest["counts"]
     size = manifest["image_size"]
-    name = "XceptionUNet" if cfg.network is None else f"{cfg.network.name} (Keras JSON)"
+    name = f"{cfg.network.name} (Keras JSON)" if cfg.network else \
+        f"XceptionUNet{' with U-Net skips' if cfg.unet_skips else ''}"
     return redact("\n".join([
         f"raypets train: {name}, {count_parameters(model):,} trainable parameters",
         f"  optimizer {cfg.optimizer} lr {cfg.lr:g} (warm-up {cfg.warmup_steps} steps"

@@ -58,7 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     # epoch line says it already.
     logging.getLogger().setLevel(logging.WARNING)
 
-    model = build_network(len(classes), cfg.network, cfg.bn_momentum)
+    model = build_network(len(classes), cfg.network, cfg.bn_momentum, cfg.unet_skips)
     state = _restore(ray.train.get_checkpoint())
     if state:
         model.load_state_dict(state["model"])
