@@ -386,10 +386,10 @@ class Check:
         run_dir = self.work / step
         shutil.rmtree(run_dir, ignore_errors=True)
         # --recipe robust: the plain loop's work (no augmentation, the tutorial's network), so the ratio is the overhead
-        ran = self.raypets(step, ["train", "--recipe", "robust", "--data", str(self.shards), "--run-dir", str(run_dir),
-                                  "--workers", "1", "--epochs", str(s.epochs), "--batch-size", str(s.batch),
-                                  "--test-batch-size", str(s.test_batch), "--checkpoint-every", str(s.epochs),
-                                  "--no-progress", *given],
+        ran = self.raypets(step, ["train", "--data", str(self.shards), "--run-dir", str(run_dir), "--workers", "1",
+                                  "--epochs", str(s.epochs), "--batch-size", str(s.batch), "--test-batch-size",
+                                  str(s.test_batch), "--checkpoint-every", str(s.epochs), "--no-progress",
+                                  "--recipe", "robust", *given],
                            deadline, ray=True)
         return train_figures(ran, run_dir, given, missing, self.figures("plain").get("images_per_s"))
 
