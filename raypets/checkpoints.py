@@ -120,12 +120,24 @@ def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Mod
     network = network or checkpoint.network
     skips = any(key.startswith("skips.") for key in state)
     model = build_network(_num_classes(state, checkpoint.weights), network, skips=skips)
+    return _fit_weights(model, state, checkpoint.weights, network).eval()
+
+
+def load_init_weights(model: nn.Module, path: Path, network: Path | None) -> nn.Module:
+    """``model`` (built from ``network``, None: the built-in one) with the state_dict file ``path`` loaded into it
+    (``--init-weights``, rmldnn's ``checkpoints.load``); weights that do not fit are one clear error."""
+    return _fit_weights(model, _load(path), path, network)
+
+
+def _fit_weights(model: nn.Module, state: dict, path: Path, network: Path | None) -> nn.Module:
+    """``state`` (read from ``path``) loaded into ``model``, built from ``network`` (None: the built-in one)."""
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        what = f"the network of {network}" if network else "the built-in XceptionUNet"
-        raise UserError(f"{checkpoint.weights}: the weights do not fit {what}: {_mismatch(err)}") from None
-    return model.eval()
+        what = f"the network of {network}" if network else f"the built-in {type(model).__name__}"
+        skips = " (U-Net skips: --unet-skips / --no-unet-skips)" if "skips." in str(err) else ""
+        raise UserError(f"{path}: the weights do not fit {what}{skips}: {_mismatch(err)}") from None
+    return model
 
 
 def checkpoint_classes(checkpoint: Checkpoint, num_classes: int) -> list[str]:

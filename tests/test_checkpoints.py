@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import ray_checkpoint_folder, state_dict_file
 
-from raypets.checkpoints import RAY_RUN_NAME, load_model, resolve_checkpoint
+from raypets.checkpoints import RAY_RUN_NAME, load_init_weights, load_model, resolve_checkpoint
 from raypets.errors import UserError
 from raypets.model import XceptionUNet
 
@@ -62,6 +62,12 @@ def test_weights_of_the_network_with_unet_skips_load_into_it(tmp_path):
     torch.save(state, tmp_path / "model_checkpoint_3.pt")
     model = load_model(resolve_checkpoint(tmp_path / "model_checkpoint_3.pt"))
     assert model.skips is not None and _same(model, state)
+
+
+def test_init_weights_load_into_the_network_to_train(tmp_path):
+    state = state_dict_file(tmp_path / "init.pt", seed=3)
+    model = load_init_weights(XceptionUNet(), tmp_path / "init.pt", network=None)
+    assert model.training and _same(model, state)  # loaded, and left in train mode for the run
 
 
 def test_weights_of_another_shape_are_one_clear_error(tmp_path):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -235,6 +236,15 @@ def test_gpu_settings_that_cannot_work_are_refused_before_training(shards, tmp_p
     with pytest.raises(UserError, match="--precision fp16 needs a GPU"):
         resolve_precision("fp16", torch.device("cpu"))
     assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
+
+
+def test_init_weights_that_do_not_fit_the_network_are_one_error_before_training(shards, tmp_path):
+    torch.save(XceptionUNet().state_dict(), tmp_path / "tutorial.pt")  # the tutorial's network: no U-Net skips
+    cfg = TrainConfig(data=shards, run_dir=tmp_path / "run", init_weights=tmp_path / "tutorial.pt", epochs=1, **FAST)
+    with pytest.raises(UserError, match=r"tutorial\.pt: the weights do not fit the built-in XceptionUNet "
+                                        r"\(U-Net skips: --unet-skips / --no-unet-skips\).*skips\.0\.weight"):
+        train(replace(cfg, unet_skips=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule(tmp_path):

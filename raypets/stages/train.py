@@ -18,11 +18,11 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.dataset import MaterializedDataset
 
 from raypets import storage, tracking
-from raypets.checkpoints import RAY_RUN_NAME, ray_checkpoint, weights_name
+from raypets.checkpoints import RAY_RUN_NAME, load_init_weights, ray_checkpoint, weights_name
 from raypets.config import TrainConfig
 from raypets.errors import UserError
 from raypets.metrics import nan_last
-from raypets.model import build_network, count_parameters, require_image_size
+from raypets.model import count_parameters, require_image_size
 from raypets.plots import plot_curves
 from raypets.precision import require_cuda
 from raypets.redaction import redact
@@ -38,7 +38,7 @@ from raypets.stages.runtime import (
     use_gpus,
 )
 from raypets.stages.shards import open_split, read_manifest
-from raypets.stages.train_loop import train_loop_per_worker
+from raypets.stages.train_loop import build_model, train_loop_per_worker
 from raypets.storage import Location
 
 MEMORY_SHARE = 0.5  # --data-cache auto keeps splits in the object store up to this share of it, else streams
@@ -59,6 +59,8 @@ def train(cfg: TrainConfig, *, address: str | None = None, callbacks: list | Non
     require_image_size(manifest["image_size"]["height"], manifest["image_size"]["width"], str(cfg.data))
     for path in (cfg.network, cfg.init_weights):
         storage.require_file(path)
+    if cfg.init_weights:  # weights that do not fit the network: one error here, not one per worker
+        load_init_weights(build_model(cfg, len(manifest["classes"])), cfg.init_weights, cfg.network)
     if cfg.class_weights and len(cfg.class_weights) != len(manifest["classes"]):
         raise UserError(f"--class-weights gives {len(cfg.class_weights)} weights; {cfg.data} has "
                         f"{len(manifest['classes'])} classes ({', '.join(manifest['classes'])})")
@@ -148,7 +150,7 @@ def write_kept(cfg: TrainConfig, result: ray.train.Result, ray_run_name: str) ->
 
 def header(cfg: TrainConfig, manifest: dict, use_gpu: bool) -> str:
     """rmldnn-like run header: model and parameters, optimizer, loss, data per worker, batch per worker."""
-    model = build_network(len(manifest["classes"]), cfg.network, cfg.bn_momentum, cfg.unet_skips)
+    model = build_model(cfg, len(manifest["classes"]))
     counts = manifest["counts"]
     size = manifest["image_size"]
     name = f"{cfg.network.name} (Keras JSON)" if cfg.network else \

@@ -26,7 +26,7 @@ from torch import nn
 
 from raypets import storage
 from raypets.augment import augment
-from raypets.checkpoints import load_state, save_state
+from raypets.checkpoints import load_init_weights, load_state, save_state
 from raypets.config import TrainConfig
 from raypets.losses import make_loss
 from raypets.metrics import ConfusionMatrix
@@ -40,6 +40,11 @@ COLLAPSE_SHARE = 0.999  # one class predicted on this share of the test pixels c
 
 
 # --- the per-worker loop -------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The network ``cfg`` trains, freshly initialised."""
+    return build_network(num_classes, cfg.network, cfg.bn_momentum, cfg.unet_skips)
+
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig.from_dict(config["cfg"])
@@ -58,12 +63,12 @@ def train_loop_per_worker(config: dict) -> None:
     # epoch line says it already.
     logging.getLogger().setLevel(logging.WARNING)
 
-    model = build_network(len(classes), cfg.network, cfg.bn_momentum, cfg.unet_skips)
+    model = build_model(cfg, len(classes))
     state = _restore(ray.train.get_checkpoint())
     if state:
         model.load_state_dict(state["model"])
     elif cfg.init_weights:
-        model.load_state_dict(torch.load(cfg.init_weights, map_location="cpu", weights_only=True))
+        load_init_weights(model, cfg.init_weights, cfg.network)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
