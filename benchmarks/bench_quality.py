@@ -1,6 +1,6 @@
 """What ``raypets train``'s default recipe reaches on synthetic data in about 10 minutes of 2-worker CPU training.
 
-    python benchmarks/bench_quality.py [--n 600] [--size 96] [--epochs 12] [--batch 16] [--write-docs]
+    python benchmarks/bench_quality.py [--n 600] [--size 96] [--epochs 12] [--batch 8] [--write-docs]
 
 ``raypets synth --n 600`` + ``prepare`` at 96 px, then ``raypets train --workers 2``; reports the test mean and
 per-class Dice per epoch against the constant all-background predictor of the same test split.
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 

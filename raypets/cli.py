@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=_local, default=Path("demo"), help="fresh folder for everything (default demo)")
     demo.add_argument("--data", type=_local, help="a dataset folder, e.g. the real Oxford-IIIT Pet (default: synthetic "
                       "images); trains at the tutorial's 160 px for 30 epochs")
-    demo.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 2)")
+    demo.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else one)")
     _add_device_args(demo)
     demo.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test of every stage (about a minute)")
     _add_ray_args(demo)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import ray
 import yaml
 
 from raypets.config import DEFAULT_RECIPE, RECIPES, TrainConfig, saved_settings
@@ -27,9 +28,10 @@ from raypets.demo_report import DemoFolders, write_report
 from raypets.errors import UserError
 from raypets.exporter import ExportConfig, export
 from raypets.outputs import check_output_folder
+from raypets.precision import cpu_computes_bf16
 from raypets.show import show_predictions
 from raypets.stages.evaluate import evaluate, format_metrics, write_json
-from raypets.stages.predict import PredictConfig, default_workers, describe_predictions, predict
+from raypets.stages.predict import PredictConfig, describe_predictions, predict
 from raypets.stages.prepare import PrepareConfig, describe_manifest, prepare
 from raypets.stages.runtime import init_ray, set_progress_bars
 from raypets.stages.train import train
@@ -59,20 +61,23 @@ class Settings:
     sweep_lrs: tuple[float, ...]
     sweep_epochs: int
     rows: int  # samples in the grid
-    workers: int | None = None  # Ray Train workers unless --workers says; None: one per GPU, else 2
+    workers: int | None = None  # Ray Train workers unless --workers says; None: one per GPU, else one
     recipe: str = DEFAULT_RECIPE  # raypets train --recipe
+    augmentation: dict = field(default_factory=dict)  # TrainConfig's augmentation fields that differ from the recipe
 
     def training(self) -> dict:
         """The TrainConfig settings of the sweep's trials (the run trains the winner's for ``epochs``)."""
-        return {**RECIPES[self.recipe], "epochs": self.sweep_epochs, "batch_size": self.batch_size,
-                "test_batch_size": self.test_batch_size, "warmup_steps": self.warmup_steps}
+        return {**RECIPES[self.recipe], **self.augmentation, "epochs": self.sweep_epochs,
+                "batch_size": self.batch_size, "test_batch_size": self.test_batch_size,
+                "warmup_steps": self.warmup_steps}
 
 
 QUICK = Settings(images=24, raw_size=(64, 48), size=32, test_fraction=0.25, epochs=2, batch_size=8, test_batch_size=8,
                  warmup_steps=2, sweep_lrs=(1e-3, 3e-3), sweep_epochs=1, rows=4,
                  workers=1)  # a smoke test spends its time starting processes: one worker starts fewer
-SYNTHETIC = Settings(images=400, raw_size=(192, 144), size=64, test_fraction=0.15, epochs=12, batch_size=16,
-                     test_batch_size=32, warmup_steps=20, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=2, rows=6)
+SYNTHETIC = Settings(images=400, raw_size=(192, 144), size=96, test_fraction=0.15, epochs=12, batch_size=8,
+                     test_batch_size=32, warmup_steps=20, sweep_lrs=(5e-4, 1e-3, 2e-3), sweep_epochs=2, rows=6,
+                     augmentation={"crop_scale": 1.0, "rotate": 0.0})
 TUTORIAL = Settings(images=0, raw_size=(0, 0), size=160, test_fraction=0.1, epochs=30, batch_size=64,
                     test_batch_size=128, warmup_steps=100, sweep_lrs=(3e-4, 1e-3, 3e-3), sweep_epochs=5, rows=6)
 
@@ -94,7 +99,7 @@ class _Demo:
 def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None, device: str = "auto",
              quick: bool = False, address: str | None = None, progress: bool = True) -> dict:
     """Run every stage into the fresh folder ``out`` and write its report. ``data``: a dataset folder (any layout
-    ``prepare`` reads) instead of synthetic images; ``workers``: Ray Train workers (default one per GPU, else 2).
+    ``prepare`` reads) instead of synthetic images; ``workers``: Ray Train workers (default one per GPU, else one).
 
     Returns demo.json's content plus ``mean_dice`` (the test split's) and the report's paths.
     """
@@ -107,7 +112,7 @@ def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None,
     started = time.perf_counter()
     with _stage(timings, "ray.init"):
         init_ray(address, num_cpus=LOCAL_CPUS)  # every later stage finds Ray running and joins it
-    workers = workers or settings.workers or default_workers(device)
+    workers = workers or settings.workers or _train_workers(device)
     demo = _Demo(folders, settings, data, workers, device, progress, address)
     commands = []
     for name, stage in STAGES[1:] if data else STAGES:
@@ -124,6 +129,13 @@ def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None,
     print(f"raypets demo: wrote {markdown} and {html}", flush=True)
     mean_dice = json.loads(folders.evaluation.read_text())["mean_dice"]
     return {**summary, "mean_dice": mean_dice, "report_md": str(markdown), "report_html": str(html)}
+
+
+def _train_workers(device: str) -> int:
+    """One Ray Train worker per GPU of the cluster, else one: on CPUs, one worker with every core trains as fast as
+    two with a core each (docs/benchmarks.md) and starts sooner."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus if device != "cpu" and gpus else 1
 
 
 def _check_args(out: Path, data: Path | None, workers: int | None) -> None:
@@ -192,7 +204,7 @@ def _train(demo: _Demo) -> list:
 def _tune(demo: _Demo) -> list:
     folders, settings = demo.folders, demo.settings
     spec = {"metric": "mean_dice", "mode": "max", "samples": 1, "scheduler": {"type": "fifo"},
-            "train": {**settings.training(), "device": demo.device},
+            "train": {**settings.training(), "device": demo.device, "precision": _precision(demo.device)},
             "space": {"lr": {"grid": list(settings.sweep_lrs)}}}
     folders.sweep_file.write_text("# raypets demo's learning-rate sweep: every trial runs to the end (FIFO)\n"
                                  + yaml.safe_dump(spec, sort_keys=False))
@@ -202,6 +214,12 @@ def _tune(demo: _Demo) -> list:
     return ["tune", "--data", folders.shards, "--space", folders.sweep_file, "--run-dir", folders.sweep,
             "--workers-per-trial", demo.workers, *(["--gpus-per-worker", gpus] if gpus is not None else []),
             *_address(demo.address)]
+
+
+def _precision(device: str) -> str:
+    """The training precision: bf16 where the run trains on CPUs that compute it natively, else ``auto``."""
+    on_cpu = device == "cpu" or device == "auto" and not ray.cluster_resources().get("GPU")
+    return "bf16" if on_cpu and cpu_computes_bf16() else "auto"
 
 
 def _evaluate(demo: _Demo) -> list:

@@ -61,3 +61,9 @@ def require_cuda() -> None:
         raise UserError(f"GPUs were granted, but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA "
                         "device here: the node's NVIDIA driver may be too old for this torch wheel "
                         "(`nvidia-smi` shows the driver's CUDA version), or the GPU is not visible to this process")
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (Intel AMX), where bf16 autocast trains faster than fp32
+    (docs/benchmarks.md); elsewhere bf16 is emulated, and slower."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
