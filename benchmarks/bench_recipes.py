@@ -4,12 +4,13 @@
                                        [--first-seed 0]
                                        [--write-docs]
 
-Sizes: ``demo`` is ``raypets demo``'s synthetic set (400 images at 192x144, prepared at 64 px, 15% test, 12 epochs,
-global batch 16, 20 warm-up steps); ``quality`` is bench_quality's (600 images at 320x240, 96 px, 10% test, 12
-epochs, batch 16). Every run is ``raypets train`` with 2 CPU workers, lr 1e-3, on the same shards per size, so the
-recipes get the same epochs, and the table gives each run's minutes: the same wall-clock budget within the noise of
-this machine. A run collapses when its last test prediction is all one class. The default may become ``strong``
-only if it beats ``robust`` in mean and in worst seed, with no collapse (issue 19).
+Sizes: ``demo`` is ``raypets demo``'s synthetic set as the demo trained it when the study ran (400 images at
+192x144, prepared at 64 px, 15% test, 12 epochs, global batch 16, 20 warm-up steps); ``quality`` is bench_quality's
+(600 images at 320x240, 96 px, 10% test, 12 epochs, batch 16). Every run is ``raypets train`` with 2 CPU workers, lr
+1e-3, on the same shards per size, so the recipes get the same epochs, and the table gives each run's minutes: the
+same wall-clock budget within the noise of this machine. A run collapses when its last test prediction is all one
+class. The default may become ``strong`` only if it beats ``robust`` in mean and in worst seed, with no collapse
+(issue 19).
 """
 
 from __future__ import annotations

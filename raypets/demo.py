@@ -75,6 +75,8 @@ class Settings:
 QUICK = Settings(images=24, raw_size=(64, 48), size=32, test_fraction=0.25, epochs=2, batch_size=8, test_batch_size=8,
                  warmup_steps=2, sweep_lrs=(1e-3, 3e-3), sweep_epochs=1, rows=4,
                  workers=1)  # a smoke test spends its time starting processes: one worker starts fewer
+# 12 epochs of 340 images underfit: smaller batches help, and the recipe's crop and rotation slow them down; bf16
+# (where native) makes 96 px cost about what 64 px did (docs/benchmarks.md, "Demo").
 SYNTHETIC = Settings(images=400, raw_size=(192, 144), size=96, test_fraction=0.15, epochs=12, batch_size=8,
                      test_batch_size=32, warmup_steps=20, sweep_lrs=(5e-4, 1e-3, 2e-3), sweep_epochs=2, rows=6,
                      augmentation={"crop_scale": 1.0, "rotate": 0.0})
