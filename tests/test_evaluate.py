@@ -11,6 +11,7 @@ import torch
 
 from raypets.checkpoints import load_model, resolve_checkpoint
 from raypets.cli import main
+from raypets.config import saved_settings
 from raypets.metrics import ConfusionMatrix
 from raypets.model import to_inputs
 from raypets.runlog import read_metrics
@@ -24,8 +25,9 @@ def test_a_run_folder_evaluates_to_the_test_metrics_training_reported_for_its_be
     best = max((m for m in read_metrics(run) if m["epoch"] in saved),  # the checkpoint a run folder stands for
                key=lambda m: (m["mean_dice"], m["epoch"]))
     out = tmp_path / "eval.json"
+    precision = saved_settings(run / "run.json")["precision"]  # the demo trains in bf16 on CPUs that compute it
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(shards), "--out", str(out), "--batch-size", "5",
-                 "--workers", "2"]) == 0
+                 "--workers", "2", "--precision", precision]) == 0
     result = json.loads(out.read_text())
     assert result["checkpoint"].endswith(f"model_checkpoint_{best['epoch']}.pt")
     for key in ("mean_dice", "mean_iou", "pixel_accuracy"):
