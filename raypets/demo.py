@@ -220,7 +220,7 @@ def _tune(demo: _Demo) -> list:
 
 def _precision(device: str) -> str:
     """The training precision: bf16 where the run trains on CPUs that compute it natively, else ``auto``."""
-    on_cpu = device == "cpu" or device == "auto" and not ray.cluster_resources().get("GPU")
+    on_cpu = device == "cpu" or (device == "auto" and not ray.cluster_resources().get("GPU"))
     return "bf16" if on_cpu and cpu_computes_bf16() else "auto"
 
 
