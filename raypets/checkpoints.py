@@ -28,7 +28,7 @@ from torch import nn
 from raypets import storage
 from raypets.classes import class_names
 from raypets.errors import UserError
-from raypets.model import build_network
+from raypets.model import build_network, has_unet_skips
 from raypets.redaction import redact
 from raypets.runlog import read_metrics
 from raypets.storage import Location
@@ -118,8 +118,7 @@ def load_model(checkpoint: Checkpoint, *, network: Path | None = None) -> nn.Mod
     """
     state = _load(checkpoint.weights)
     network = network or checkpoint.network
-    skips = any(key.startswith("skips.") for key in state)
-    model = build_network(_num_classes(state, checkpoint.weights), network, skips=skips)
+    model = build_network(_num_classes(state, checkpoint.weights), network, skips=has_unet_skips(state))
     return _fit_weights(model, state, checkpoint.weights, network).eval()
 
 
@@ -135,7 +134,8 @@ def _fit_weights(model: nn.Module, state: dict, path: Path, network: Path | None
         model.load_state_dict(state)
     except RuntimeError as err:
         what = f"the network of {network}" if network else f"the built-in {type(model).__name__}"
-        skips = " (U-Net skips: --unet-skips / --no-unet-skips)" if "skips." in str(err) else ""
+        skips = " (U-Net skips: --unet-skips / --no-unet-skips)" \
+            if has_unet_skips(state) != has_unet_skips(model.state_dict()) else ""
         raise UserError(f"{path}: the weights do not fit {what}{skips}: {_mismatch(err)}") from None
     return model
 

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import ray
 import yaml
 
 from raypets.config import DEFAULT_RECIPE, RECIPES, TrainConfig, saved_settings
@@ -31,9 +30,9 @@ from raypets.outputs import check_output_folder
 from raypets.precision import cpu_computes_bf16
 from raypets.show import show_predictions
 from raypets.stages.evaluate import evaluate, format_metrics, write_json
-from raypets.stages.predict import PredictConfig, describe_predictions, predict
+from raypets.stages.predict import PredictConfig, default_workers, describe_predictions, predict
 from raypets.stages.prepare import PrepareConfig, describe_manifest, prepare
-from raypets.stages.runtime import init_ray, set_progress_bars
+from raypets.stages.runtime import init_ray, set_progress_bars, use_gpus
 from raypets.stages.train import train
 from raypets.stages.tune import tune
 from raypets.sweep_config import load_sweep
@@ -114,7 +113,8 @@ def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None,
     started = time.perf_counter()
     with _stage(timings, "ray.init"):
         init_ray(address, num_cpus=LOCAL_CPUS)  # every later stage finds Ray running and joins it
-    workers = workers or settings.workers or _train_workers(device)
+    # one Train worker per GPU, else one: on CPUs it trains as fast as two with a core each, and starts sooner
+    workers = workers or settings.workers or default_workers(device, on_cpu=1)
     demo = _Demo(folders, settings, data, workers, device, progress, address)
     commands = []
     for name, stage in STAGES[1:] if data else STAGES:
@@ -131,13 +131,6 @@ def run_demo(out: Path, *, data: Path | None = None, workers: int | None = None,
     print(f"raypets demo: wrote {markdown} and {html}", flush=True)
     mean_dice = json.loads(folders.evaluation.read_text())["mean_dice"]
     return {**summary, "mean_dice": mean_dice, "report_md": str(markdown), "report_html": str(html)}
-
-
-def _train_workers(device: str) -> int:
-    """One Ray Train worker per GPU of the cluster, else one: on CPUs, one worker with every core trains as fast as
-    two with a core each (docs/benchmarks.md) and starts sooner."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return gpus if device != "cpu" and gpus else 1
 
 
 def _check_args(out: Path, data: Path | None, workers: int | None) -> None:
@@ -206,7 +199,7 @@ def _train(demo: _Demo) -> list:
 def _tune(demo: _Demo) -> list:
     folders, settings = demo.folders, demo.settings
     spec = {"metric": "mean_dice", "mode": "max", "samples": 1, "scheduler": {"type": "fifo"},
-            "train": {**settings.training(), "device": demo.device, "precision": _precision(demo.device)},
+            "train": {**settings.training(), "device": demo.device, "precision": _precision(demo)},
             "space": {"lr": {"grid": list(settings.sweep_lrs)}}}
     folders.sweep_file.write_text("# raypets demo's learning-rate sweep: every trial runs to the end (FIFO)\n"
                                  + yaml.safe_dump(spec, sort_keys=False))
@@ -218,10 +211,9 @@ def _tune(demo: _Demo) -> list:
             *_address(demo.address)]
 
 
-def _precision(device: str) -> str:
+def _precision(demo: _Demo) -> str:
     """The training precision: bf16 where the run trains on CPUs that compute it natively, else ``auto``."""
-    on_cpu = device == "cpu" or (device == "auto" and not ray.cluster_resources().get("GPU"))
-    return "bf16" if on_cpu and cpu_computes_bf16() else "auto"
+    return "bf16" if not use_gpus(demo.device, demo.workers) and cpu_computes_bf16() else "auto"
 
 
 def _evaluate(demo: _Demo) -> list:

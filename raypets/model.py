@@ -138,6 +138,11 @@ class XceptionUNet(nn.Module):
         return self.head(x)
 
 
+def has_unet_skips(state: dict) -> bool:
+    """Whether the weights ``state`` are of ``XceptionUNet(skips=True)``."""
+    return any(key.startswith("skips.") for key in state)
+
+
 def build_network(num_classes: int, network: Path | None = None, bn_momentum: float = 0.01,
                   skips: bool = False) -> nn.Module:
     """The built-in XceptionUNet (with U-Net ``skips`` if asked), or the Keras-JSON network file ``network``, with

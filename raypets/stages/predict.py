@@ -195,13 +195,13 @@ def describe_predictions(summary: dict) -> str:
     return redact("\n".join(lines))
 
 
-def default_workers(device: str) -> int:
-    """One actor per GPU of the cluster; else two CPU actors sharing the cores (on 2 cores, two single-threaded
-    processes predicted faster than one with two threads)."""
+def default_workers(device: str, on_cpu: int = 2) -> int:
+    """One worker per GPU of the cluster; else ``on_cpu`` CPU workers sharing the cores (for predict's actors two: on
+    2 cores, two single-threaded processes predicted faster than one with two threads)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if device != "cpu" and gpus:
         return gpus
-    return 1 if device == "gpu" else 2
+    return 1 if device == "gpu" else on_cpu
 
 
 def _ours(output: Location) -> frozenset[str]:
